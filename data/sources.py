@@ -1,0 +1,319 @@
+"""Streaming readers for every input format nanozh accepts, with one set of field conventions.
+
+    iter_pretrain(paths) -> (where, text)
+    iter_sft(paths)      -> (where, messages)              messages: [{"role", "content"}, ...]
+    iter_dpo(paths)      -> (where, {"prompt": messages, "chosen": str, "rejected": str})
+
+`where` is "<file>:<line or row>" (1-based) for error messages. A path may be a file or a directory
+(its supported files, sorted, not recursive). Nothing is ever read whole:
+
+    .txt  .txt.gz        plain text, documents separated by blank lines (pretraining only)
+    .jsonl  .jsonl.gz    one JSON object per line
+    .json  .json.gz      one JSON array of objects, decoded element by element from 1 MB chunks
+                         (memory is bounded by the largest single element, not by the file)
+    .parquet             pyarrow row batches of 1024 rows
+
+Field conventions (the first that matches wins):
+    pretrain  `text`, else `content` (a bare JSON string is also a document)
+    SFT       `messages` or `conversations`, turns {role, content} or {from, value}, roles
+              user/assistant/system or human/gpt (an optional top-level `system` string is put
+              first); `prompt` + `response`; `instruction` + optional `input` + `output`
+              (the user turn is instruction + "\\n" + input when input is not empty)
+    DPO       `prompt` (a string = one user turn, or a list of turns ending with a user turn) or
+              `instruction` + `input`; `chosen` and `rejected` are strings, or a list of turns whose
+              last is the assistant answer (or that one turn as an object)
+
+A bad record (malformed JSON, missing field, unknown role, empty content, a conversation that does
+not end with an assistant turn) is a NanozhError naming file and line. Pass `on_error` to get each
+such error and skip the record instead (prepare.py counts them); problems with a whole file (missing,
+not UTF-8, not a JSON array) always raise.
+"""
+
+import gzip
+import json
+import os
+from typing import Callable, Iterator
+
+import pyarrow.parquet as pq
+
+from errors import NanozhError, user_error
+
+SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+OnError = Callable[[NanozhError], None] | None
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """Files named by `paths`, directories replaced by their supported files in sorted order."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(SUFFIXES))
+            if not found:
+                raise user_error(p, "directory holds no input files", f"expected {', '.join(SUFFIXES)}")
+            files += found
+        elif not os.path.exists(p):
+            raise user_error(p, "no such file or directory", "check the --input path")
+        elif not p.endswith(SUFFIXES):
+            raise user_error(p, "unsupported file type", f"use one of {', '.join(SUFFIXES)}")
+        else:
+            files.append(p)
+    if not files:
+        raise user_error("--input", "no input files given", "pass at least one file or directory")
+    return files
+
+
+# ----------------------------------------------------------------------------- raw records
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _txt_records(path: str) -> Iterator[tuple[int, str]]:
+    """(line where the document starts, document) for blank-line separated documents."""
+    with _open_text(path) as f:
+        lines, start = [], 0
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                if not lines:
+                    start = n
+                lines.append(line)
+            elif lines:
+                yield start, "".join(lines).rstrip("\n")
+                lines = []
+        if lines:
+            yield start, "".join(lines).rstrip("\n")
+
+
+def _jsonl_records(path: str, on_error: OnError) -> Iterator[tuple[int, object]]:
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                _fail(user_error(path, f"malformed JSON ({e.msg} at column {e.colno})",
+                                 "fix or remove the line", line=n), on_error)
+
+
+def _json_records(path: str, chunk_chars: int = 1 << 20) -> Iterator[tuple[int, object]]:
+    """Elements of a top-level JSON array, decoded one at a time with raw_decode over a sliding
+    buffer. An element cut by the chunk boundary fails to decode; we then read more and retry."""
+    decoder = json.JSONDecoder()
+    with _open_text(path) as f:
+        buf, pos, line, eof = "", 0, 1, False
+
+        def skip(chars: str) -> bool:  # advance over `chars`; False when the buffer ran out
+            nonlocal buf, pos, line, eof
+            while True:
+                while pos < len(buf) and buf[pos] in chars:
+                    line += buf[pos] == "\n"
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return pos < len(buf)
+                buf, pos = f.read(chunk_chars), 0
+                eof = not buf
+
+        if not skip(" \t\r\n\ufeff") or buf[pos] != "[":
+            raise user_error(path, "expected a JSON array of objects", "use .jsonl for one object per line", line=line)
+        pos += 1
+        first = True
+        while True:
+            if not skip(" \t\r\n"):
+                raise user_error(path, "JSON array is not closed", "the file may be truncated", line=line)
+            if buf[pos] == "]":
+                return
+            if not first:
+                if buf[pos] != ",":
+                    raise user_error(path, "malformed JSON (expected ',' between elements)", "fix the file", line=line)
+                pos += 1
+                if not skip(" \t\r\n"):
+                    raise user_error(path, "JSON array is not closed", "the file may be truncated", line=line)
+            first = False
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof:  # a number could continue in the next chunk
+                        break
+                except json.JSONDecodeError as e:
+                    if eof:
+                        raise user_error(path, f"malformed JSON ({e.msg})", "fix the file",
+                                         line=line + buf.count("\n", pos, e.pos)) from None
+                more = f.read(max(chunk_chars, len(buf)))  # doubling keeps a huge element linear
+                eof = not more
+                buf, pos = buf[pos:] + more, 0
+            yield line, obj
+            line += buf.count("\n", pos, end)
+            pos = end
+
+
+def _parquet_records(path: str) -> Iterator[tuple[int, dict]]:
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise user_error(path, f"not a readable Parquet file ({e})", "check the file") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            row += 1
+            yield row, rec
+
+
+def _records(path: str, on_error: OnError, text_ok: bool) -> Iterator[tuple[int, object]]:
+    """(line or row, record) for one file; a record is a str (.txt) or a decoded JSON value."""
+    try:
+        if path.endswith((".txt", ".txt.gz")):
+            if not text_ok:
+                raise user_error(path, "plain text holds no conversations", "use .jsonl, .json or .parquet")
+            yield from _txt_records(path)
+        elif path.endswith((".jsonl", ".jsonl.gz")):
+            yield from _jsonl_records(path, on_error)
+        elif path.endswith((".json", ".json.gz")):
+            yield from _json_records(path)
+        else:
+            yield from _parquet_records(path)
+    except UnicodeDecodeError as e:
+        raise user_error(path, f"not valid UTF-8 (byte {e.start} of a read chunk)", "convert the file to UTF-8") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise user_error(path, f"damaged gzip file ({e})", "re-download or recompress it") from None
+
+
+def _fail(err: NanozhError, on_error: OnError) -> None:
+    if on_error is None:
+        raise err
+    on_error(err)
+
+
+def _stream(paths: list[str], parse: Callable, on_error: OnError, text_ok: bool = False) -> Iterator:
+    """Apply parse(record) -> value to every record, turning a ValueError into a NanozhError at
+    its file:line."""
+    for path in expand_paths(paths):
+        for n, rec in _records(path, on_error, text_ok):
+            try:
+                value = parse(rec)
+            except ValueError as e:
+                _fail(user_error(path, *e.args, line=n), on_error)
+                continue
+            yield f"{path}:{n}", value
+
+
+# ----------------------------------------------------------------------------- field conventions
+# parse functions raise ValueError(what, what to do); _stream adds the file and line.
+
+def _fields(rec: object) -> str:
+    return ", ".join(rec) if isinstance(rec, dict) and rec else "none"
+
+
+def _string(rec: dict, key: str) -> str:
+    value = rec[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"field '{key}' is empty or not a string", "give it non-empty text")
+    return value
+
+
+def _pretrain_text(rec: object) -> str:
+    if isinstance(rec, str):
+        return rec
+    if isinstance(rec, dict):
+        for key in ("text", "content"):
+            if isinstance(rec.get(key), str):
+                return rec[key]
+    raise ValueError(f"no text field (fields: {_fields(rec)})", "pretraining reads 'text' or 'content'")
+
+
+def _turns(turns: object, field: str) -> list[dict]:
+    """Normalise a list of {role, content} / {from, value} turns to {role, content} dicts."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"field '{field}' is not a non-empty list of turns", "give a list of {role, content} objects")
+    out = []
+    for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {i} of '{field}' is not an object", "give {role, content} objects")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} in turn {i}", "use user/assistant/system (or human/gpt)")
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"empty content in turn {i}", "give every turn some text")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def _sft_messages(rec: object) -> list[dict]:
+    if not isinstance(rec, dict):
+        raise ValueError("record is not a JSON object", "give one object per conversation")
+    if "messages" in rec or "conversations" in rec:
+        field = "messages" if "messages" in rec else "conversations"
+        msgs = _turns(rec[field], field)
+        if isinstance(rec.get("system"), str) and rec["system"].strip() and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": rec["system"]})
+    elif "prompt" in rec and "response" in rec:
+        msgs = [{"role": "user", "content": _string(rec, "prompt")},
+                {"role": "assistant", "content": _string(rec, "response")}]
+    elif "instruction" in rec and "output" in rec:
+        msgs = [{"role": "user", "content": _instruction(rec)},
+                {"role": "assistant", "content": _string(rec, "output")}]
+    else:
+        raise ValueError(f"no conversation fields (fields: {_fields(rec)})",
+                         "SFT reads messages/conversations, prompt+response or instruction+output")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError("conversation has no assistant turn", "add the answer to learn from")
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError(f"conversation ends with a {msgs[-1]['role']} turn", "end it with the assistant's answer")
+    return msgs
+
+
+def _instruction(rec: dict) -> str:
+    text = _string(rec, "instruction")
+    extra = rec.get("input")
+    return text + "\n" + extra if isinstance(extra, str) and extra.strip() else text
+
+
+def _answer(rec: dict, key: str) -> str:
+    if key not in rec:
+        raise ValueError(f"missing field '{key}' (fields: {_fields(rec)})", "DPO reads prompt, chosen and rejected")
+    value = rec[key]
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        turns = _turns(value, key)
+        if turns[-1]["role"] != "assistant":
+            raise ValueError(f"the last turn of '{key}' is not the assistant's", "end it with the answer")
+        return turns[-1]["content"]
+    return _string(rec, key)
+
+
+def _dpo_triple(rec: object) -> dict:
+    if not isinstance(rec, dict):
+        raise ValueError("record is not a JSON object", "give one object per triple")
+    if "prompt" in rec:
+        prompt = rec["prompt"]
+        if isinstance(prompt, list):
+            prompt = _turns(prompt, "prompt")
+            if prompt[-1]["role"] != "user":
+                raise ValueError("prompt does not end with a user turn", "end it with the question")
+        else:
+            prompt = [{"role": "user", "content": _string(rec, "prompt")}]
+    elif "instruction" in rec:
+        prompt = [{"role": "user", "content": _instruction(rec)}]
+    else:
+        raise ValueError(f"missing field 'prompt' (fields: {_fields(rec)})", "DPO reads prompt, chosen and rejected")
+    return {"prompt": prompt, "chosen": _answer(rec, "chosen"), "rejected": _answer(rec, "rejected")}
+
+
+# ----------------------------------------------------------------------------- public API
+
+def iter_pretrain(paths: list[str], on_error: OnError = None) -> Iterator[tuple[str, str]]:
+    """(where, text) for every pretraining document."""
+    return _stream(paths, _pretrain_text, on_error, text_ok=True)
+
+
+def iter_sft(paths: list[str], on_error: OnError = None) -> Iterator[tuple[str, list[dict]]]:
+    """(where, messages) for every conversation; messages end with an assistant turn."""
+    return _stream(paths, _sft_messages, on_error)
+
+
+def iter_dpo(paths: list[str], on_error: OnError = None) -> Iterator[tuple[str, dict]]:
+    """(where, {"prompt": messages, "chosen": str, "rejected": str}) for every preference triple."""
+    return _stream(paths, _dpo_triple, on_error)
