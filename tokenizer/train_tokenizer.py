@@ -1,0 +1,152 @@
+"""Train nanozh's sentencepiece BPE tokenizer on pretraining text.
+
+    python tokenizer/train_tokenizer.py --input data/corpus --vocab_size 16000 --out tokenizer
+    python tokenizer/train_tokenizer.py --input ../shared/data/pretrain --vocab_size 16000 --out tokenizer
+
+--input takes files or directories in any format data/sources.py reads (.txt, .jsonl, .json,
+.parquet). Writes OUT/tokenizer.model and OUT/tokenizer.vocab (one "piece<TAB>score" per line, for
+reading). Documents are fed to sentencepiece one paragraph (line) at a time.
+
+Why these settings:
+- BPE with byte_fallback: a character outside the vocabulary becomes its UTF-8 bytes (<0xE6>...),
+  never <unk>, so every string round-trips exactly (tokenizer.py also covers the one exception,
+  a literal U+2581).
+- identity normalisation, no dummy prefix, no whitespace collapsing: the text the model sees is
+  the text the user wrote (NFKC would turn ，！？ into ASCII; collapsing would break code).
+- split_digits: numbers are read digit by digit, which helps small models with arithmetic.
+- allow_whitespace_only_pieces: runs of spaces (code indentation) become one piece.
+- character_coverage 0.9995: Chinese has thousands of characters with a long tail. Full coverage
+  would spend vocabulary slots on characters seen a handful of times; 0.9995 keeps those that cover
+  all but 0.05% of running text and leaves the rest to byte fallback (3 tokens each), which is what
+  sentencepiece recommends for CJK.
+- "\\n" needs no special piece: paragraphs are split on it, so it never enters a piece, and byte
+  fallback encodes it as the single token <0x0A> (a user-defined "\\n" symbol would also cost one
+  token per newline, so it would buy nothing).
+- Special tokens have fixed ids: <unk>=0 <s>=1 </s>=2 <pad>=3 <|im_start|>=4 <|im_end|>=5. The
+  chat markers are CONTROL symbols: only the chat template inserts them, by id; a user who types
+  "<|im_end|>" gets ordinary pieces.
+"""
+
+import argparse
+import io
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+# Run as a script, Python puts tokenizer/ first on sys.path, where "tokenizer" would name
+# tokenizer.py instead of the package; the repository root is what we want there.
+ROOT = Path(__file__).resolve().parent.parent
+if sys.path[0] == str(Path(__file__).resolve().parent):
+    sys.path[0] = str(ROOT)
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+from data.sources import iter_pretrain
+from errors import NanozhError, exit_on_user_error, user_error
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+class _Paragraphs:
+    """The sentence stream handed to sentencepiece: each document split into its lines, lines longer
+    than max_bytes cut into pieces (sentencepiece would silently drop them). Counts what it fed, and
+    keeps any exception, because sentencepiece reports an exception raised inside the iterator only
+    as an opaque RuntimeError."""
+
+    def __init__(self, texts: Iterable[str], max_bytes: int):
+        self.texts, self.max_chars = texts, max_bytes // 4  # a character is at most 4 UTF-8 bytes
+        self.sentences = self.chars = 0
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for text in self.texts:
+                for line in text.split("\n"):
+                    for i in range(0, len(line), self.max_chars):
+                        piece = line[i:i + self.max_chars]
+                        self.sentences += 1
+                        self.chars += len(piece)
+                        yield piece
+        except BaseException as e:
+            self.error = e
+            raise
+
+
+def train(texts: Iterable[str], vocab_size: int, input_sentence_size: int = 2_000_000,
+          character_coverage: float = 0.9995, max_sentence_length: int = 16384,
+          num_threads: int | None = None) -> tuple[bytes, dict]:
+    """Train on `texts` (documents); returns the serialized model and stats for the summary."""
+    paragraphs = _Paragraphs(texts, max_sentence_length)
+    model = io.BytesIO()
+    t0 = time.time()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(paragraphs), model_writer=model, model_type="bpe",
+            vocab_size=vocab_size, character_coverage=character_coverage, byte_fallback=True,
+            normalization_rule_name="identity", add_dummy_prefix=False,
+            remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+            max_sentence_length=max_sentence_length,
+            # sentencepiece pulls the whole iterator but keeps a reservoir sample (fixed seed) of
+            # input_sentence_size sentences when shuffle_input_sentence is on, so memory is bounded
+            # by input_sentence_size * average paragraph length, not by the corpus.
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=SPECIALS[4:],
+            num_threads=num_threads or min(16, os.cpu_count() or 1), minloglevel=2)
+    except RuntimeError as e:
+        if isinstance(paragraphs.error, NanozhError):
+            raise paragraphs.error from None
+        if paragraphs.error is not None:
+            raise paragraphs.error
+        if paragraphs.chars == 0:
+            raise user_error("--input", "no text to train on", "check the input files") from None
+        msg = str(e).splitlines()[0].split("] ")[-1]
+        raise user_error("--vocab_size", f"sentencepiece could not train: {msg}",
+                         "pick a vocab_size that suits the corpus") from None
+    stats = {"sentences": paragraphs.sentences, "chars": paragraphs.chars,
+             "sampled": min(paragraphs.sentences, input_sentence_size), "seconds": time.time() - t0}
+    return model.getvalue(), stats
+
+
+def write_tokenizer(model: bytes, out_dir: str) -> Path:
+    """Write out_dir/tokenizer.model and tokenizer.vocab, each through a temp file and a rename."""
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    got = [sp.id_to_piece(i) for i in range(len(SPECIALS))]
+    assert got == SPECIALS, f"special tokens came out as {got}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+    for name, data in (("tokenizer.vocab", vocab.encode()), ("tokenizer.model", model)):
+        tmp = out / (name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, out / name)
+    return out / "tokenizer.model"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="files or directories of pretraining text")
+    p.add_argument("--vocab_size", type=int, required=True)
+    p.add_argument("--out", required=True, help="directory for tokenizer.model and tokenizer.vocab")
+    p.add_argument("--input_sentence_size", type=int, default=2_000_000,
+                   help="paragraphs sampled (uniformly, reservoir) for training; bounds memory")
+    p.add_argument("--character_coverage", type=float, default=0.9995)
+    p.add_argument("--max_sentence_length", type=int, default=16384, help="bytes; longer lines are cut")
+    p.add_argument("--num_threads", type=int, default=None)
+    args = p.parse_args()
+    try:
+        docs = tqdm((text for _, text in iter_pretrain(args.input)), desc="reading", unit=" docs")
+        model, s = train(docs, args.vocab_size, args.input_sentence_size, args.character_coverage,
+                         args.max_sentence_length, args.num_threads)
+        docs.close()
+        path = write_tokenizer(model, args.out)
+    except NanozhError as e:
+        exit_on_user_error(e)
+    print(f"trained {path}: vocab {args.vocab_size}, {s['sampled']:,} of {s['sentences']:,} paragraphs "
+          f"({s['chars'] / 1e6:.1f}M chars read), {s['seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
