@@ -1,0 +1,504 @@
+"""The nanozh model: a Llama-style decoder in one file.
+
+    python model.py --config configs/26m.json --vocab_size 16000    # parameter count per part
+
+Pre-norm RMSNorm, rotary position embeddings (RoPE), grouped-query attention, SwiGLU MLP, no biases,
+optionally tied input/output embeddings. Reads top-down: config, norm, RoPE, attention, MLP, block,
+KV cache, the Transformer with forward/generate/save, then load_model and sampling helpers.
+
+    model = Transformer(ModelConfig(vocab_size=16000, n_layer=4, n_head=4, n_kv_head=2, n_embd=128))
+    logits, loss = model(idx, targets)            # loss: mean cross entropy, targets == -1 ignored
+    _, nll = model(idx, targets, reduction="none")  # (B, T) per-token NLL, 0 where ignored
+    out = model.generate(idx, 100, temperature=0)  # greedy, with a KV cache
+    model.save("out/m"); model = load_model("out/m")
+"""
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from attention import attention
+from errors import NanozhError, exit_on_user_error, user_error
+
+ATTN_IMPLS = ("auto", "triton", "sdpa", "naive")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0          # the tokenizer's; 0 = not set yet (the trainer fills it in)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4           # < n_head is grouped-query attention; must divide n_head
+    n_embd: int = 128
+    ffn_hidden: int = 0          # SwiGLU hidden size; 0 = 8/3 * n_embd rounded up to a multiple of 64
+    block_size: int = 256        # the context length: RoPE tables and the KV cache stop here
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    # "auto" stays "auto" in config.json: it picks "triton" for CUDA fp16/bf16 inputs and "sdpa"
+    # otherwise at each forward, so a checkpoint trained on a GPU samples on a CPU unchanged.
+    attn_impl: str = "auto"
+    init_std: float = 0.02
+    dropout: float = 0.0
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # embedding and head rows rounded up to a multiple of 64: a friendlier matmul shape on GPUs
+        return -(-self.vocab_size // 64) * 64
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        return self.ffn_hidden or -(-(8 * self.n_embd) // (3 * 64)) * 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "model config") -> "ModelConfig":
+        """Build from a dict (config.json, a preset's "model" section); unknown keys, values of the
+        wrong type and inconsistent sizes are one-line errors naming `where`."""
+        types = {f.name: f.type for f in fields(cls)}
+        for key, value in d.items():
+            if key not in types:
+                raise user_error(where, f"unknown model config key {key!r}", f"known keys: {', '.join(types)}")
+            want = types[key]
+            ok = (isinstance(value, bool) if want is bool else
+                  isinstance(value, int) and not isinstance(value, bool) if want is int else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+                  isinstance(value, str))
+            if not ok:
+                raise user_error(where, f"model config key {key!r} should be {want.__name__}, got {value!r}")
+        config = cls(**d)
+        config.check(where)
+        return config
+
+    def check(self, where: str = "model config") -> None:
+        problems = [
+            (self.vocab_size <= 0, "vocab_size is not set", "set it to the tokenizer's vocab_size"),
+            (min(self.n_layer, self.n_head, self.n_kv_head, self.n_embd, self.block_size) <= 0,
+             "n_layer, n_head, n_kv_head, n_embd and block_size must be positive", ""),
+            (self.n_embd % self.n_head != 0, f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}", ""),
+            (self.n_head % self.n_kv_head != 0, f"n_kv_head {self.n_kv_head} does not divide n_head {self.n_head}", ""),
+            (self.head_dim % 2 != 0, f"head_dim n_embd/n_head = {self.head_dim} is odd", "RoPE rotates pairs"),
+            (self.attn_impl not in ATTN_IMPLS, f"attn_impl {self.attn_impl!r} is unknown", f"use one of {ATTN_IMPLS}"),
+            (not 0.0 <= self.dropout < 1.0, f"dropout {self.dropout} is outside [0, 1)", ""),
+        ]
+        for bad, what, fix in problems:
+            if bad:
+                raise user_error(where, what, fix)
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32: the mean of squares loses too much in bf16
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, (length, head_dim / 2), computed in fp64, kept in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x[i], x[i + D/2]) pair of x (..., T, D) by its position's angle, in fp32.
+    The product of a rotated query and key then depends only on their distance."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, config.n_head, config.n_kv_head, config.head_dim
+        self.attn_impl = config.attn_impl
+        # q, k and v in one matmul: one large GEMM beats three small ones
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None") -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # all keys so far; the new queries are the last T
+        y = attention(q, k, v, causal=True, impl=resolve_attn_impl(self.attn_impl, q))
+        return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, H * D)))
+
+
+def resolve_attn_impl(impl: str, q: torch.Tensor) -> str:
+    """"auto" -> the fused Triton kernel where it runs (CUDA, half precision, its head dims), else sdpa."""
+    if impl != "auto":
+        return impl
+    fits_triton = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (32, 64, 128)
+    return "triton" if fits_triton else "sdpa"
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.n_embd, 2 * config.hidden_size, bias=False)
+        self.down = nn.Linear(config.hidden_size, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.dropout(self.down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None") -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` sequences of up to `max_len` positions.
+
+    Each layer's (B, n_kv_head, max_len, head_dim) buffers are allocated at its first write, in the
+    dtype attention computes in (the weights' dtype, or the autocast dtype). `pos` counts the filled
+    positions; the model advances it after each forward."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int):
+        self.shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k: list[torch.Tensor | None] = [None] * config.n_layer
+        self.v: list[torch.Tensor | None] = [None] * config.n_layer
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(self.shape)
+            self.v[layer] = v.new_zeros(self.shape)
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.check("ModelConfig")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        # RoPE tables: precomputed once, non-persistent (rebuilt, never saved), fp32 (see _apply)
+        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2's recipe, as nanoGPT and most small Llama reproductions use it: every matrix
+        N(0, init_std), and the two projections that write into the residual stream (attention out,
+        MLP down) scaled by 1/sqrt(2 * n_layer), so the residual's variance stays O(1) however deep
+        the stack (each of the 2 * n_layer branches adds its share). Norm gains start at 1."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, std)
+            else:
+                nn.init.ones_(p)
+
+    def _apply(self, *args, **kwargs):
+        # .to(), .cuda(), .half() all run through here. They would cast the RoPE tables to the new
+        # dtype too (bf16 angles are off by ~0.4% at position 2048), so rebuild them in fp32.
+        super()._apply(*args, **kwargs)
+        cos, sin = rope_tables(self.config.head_dim, self.config.block_size, self.config.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits, loss).
+
+        With targets (B, T): logits (B, T, vocab_size) and the fp32 cross entropy over positions whose
+        target is not -1, as a mean (reduction="mean") or per position (reduction="none", (B, T), 0
+        where ignored: sum it under a mask for DPO log-probs or eval NLL). Without targets: logits of
+        the last position only, (B, 1, vocab_size), loss None: generation needs nothing more.
+        With a cache, idx continues the cached sequence: positions start at cache.pos.
+        Logits cover the tokenizer's vocab_size only, never the padding rows."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise user_error("model", f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}",
+                             "use shorter sequences or a model with a larger block_size")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.tok_emb(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x)
+        V = self.config.vocab_size
+        if targets is None:
+            return self.lm_head(x[:, [-1], :])[..., :V], None
+        logits = self.lm_head(x)[..., :V]
+        loss = F.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(B * T), ignore_index=-1,
+                               reduction=reduction)
+        return logits, loss if reduction != "none" else loss.view(B, T)
+
+    # ------------------------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                        stop_ids: list[int] | None = None, generator: torch.Generator | None = None,
+                        seed: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield the next token of each row, (B,), one step at a time (streaming chat reads these).
+
+        idx (B, T) is one prompt or several of equal length. Greedy at temperature 0; otherwise
+        sampled in fp32 from temperature-scaled, top-k / top-p filtered probabilities, drawn from
+        `generator` (or a fresh one seeded with `seed`) so a seed reproduces a sample. Stops after
+        max_new_tokens, when the sequence fills the context (block_size: there is no sliding window,
+        positions past it were never trained), or once every row has produced one of stop_ids; a
+        row that stopped earlier repeats its stop id. Call model.eval() first if dropout > 0."""
+        B, T = idx.shape
+        check_sampling(temperature, top_k, top_p, repetition_penalty)
+        if T == 0:
+            raise user_error("generate", "the prompt is empty", "give at least one token")
+        if T > self.config.block_size:
+            raise user_error("generate", f"prompt is {T} tokens but the model's context is {self.config.block_size}",
+                             "shorten the prompt")
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        cache = KVCache(self.config, B, self.config.block_size) if use_cache else None
+        seen = None
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
+        stop = torch.tensor(stop_ids or [], dtype=idx.dtype, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        seq = idx
+        for _ in range(min(max_new_tokens, self.config.block_size - T)):
+            # with a cache: the whole prompt once (prefill), then only the newest token
+            logits, _ = self(seq[:, cache.pos:] if cache is not None else seq, cache=cache)
+            logits = logits[:, -1].float()
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, seq[:, -1], nxt)
+            done |= torch.isin(nxt, stop)
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            yield nxt
+            if done.all():
+                return
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, **kwargs) -> torch.Tensor:
+        """idx (B, T) -> (B, T + n): the prompt followed by up to max_new_tokens new tokens.
+        Options as in generate_stream (repetition_penalty, stop_ids, generator, seed, use_cache)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, **kwargs))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    # ------------------------------------------------------------------------------------------
+    # sizes
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per part; a tied head counts 0 (its matrix is the embedding's)."""
+        counts = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
+        for name, p in self.named_parameters():  # shared tensors are listed once, under tok_emb
+            part = ("embedding" if name.startswith("tok_emb") else "head" if name.startswith("lm_head") else
+                    "attention" if ".attn." in name else "mlp" if ".mlp." in name else "norms")
+            counts[part] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), the PaLM appendix B / nanoGPT estimate:
+        6 * N for the matmuls, N = attention + MLP + LM-head matrices (the head's matmul runs
+        whether or not it is tied; the embedding lookup and norms are not matmuls), plus
+        12 * n_layer * n_embd * seq_len for QK^T and AV (full, not halved for the causal mask, as
+        the convention has it, so MFU compares with other reports)."""
+        c = self.param_counts()
+        n = c["attention"] + c["mlp"] + self.config.padded_vocab_size * self.config.n_embd
+        return 6 * n + 12 * self.config.n_layer * self.config.n_embd * seq_len
+
+    # ------------------------------------------------------------------------------------------
+    # model directories
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """Write out_dir/model.safetensors and out_dir/config.json, each via a temp file + rename, so a
+        kill mid-save leaves the previous files whole. A tied head is stored once (as tok_emb)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        _atomic_write(out_dir / "model.safetensors", lambda path: save_file(state, path, metadata={"format": "pt"}))
+        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
+        _atomic_write(out_dir / "config.json", lambda path: Path(path).write_text(text))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> Transformer:
+    """Read a model directory written by Transformer.save (safetensors: weights only, no pickle).
+    A missing or broken directory is a one-line NanozhError naming the file and the fix."""
+    model_dir = Path(model_dir)
+    config_path, weights_path = model_dir / "config.json", model_dir / "model.safetensors"
+    if not model_dir.is_dir():
+        raise user_error(model_dir, "model directory not found", "pass a directory written by training")
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise user_error(path, "missing", "a model directory holds config.json and model.safetensors")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise user_error(config_path, f"not valid JSON ({e})", "restore it from the checkpoint") from None
+    if not isinstance(raw, dict):
+        raise user_error(config_path, "should hold a JSON object of model settings")
+    config = ModelConfig.from_dict(raw, where=str(config_path))
+    try:
+        state = load_file(weights_path, device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for broken files
+        raise user_error(weights_path, f"cannot be read, truncated or corrupted ({str(e).splitlines()[0]})",
+                         "restore it from another checkpoint") from None
+    model = Transformer(config)
+    expected = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise user_error(weights_path, f"weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})",
+                         "the config and weights come from different models")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise user_error(weights_path, f"{name} has shape {tuple(tensor.shape)} but config.json implies "
+                             f"{tuple(expected[name].shape)}", "the config and weights come from different models")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise user_error(weights_path, f"{name} contains NaN or inf", "training diverged before this save; use an earlier checkpoint")
+    model.load_state_dict(state, strict=False)  # strict=False only because a tied head is not stored
+    return model.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling helpers (fp32 logits (B, V) in, token ids (B,) out)
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float) -> None:
+    if temperature < 0:
+        raise user_error("generate", f"temperature {temperature} is negative", "use 0 for greedy, or > 0")
+    if top_k is not None and top_k < 1:
+        raise user_error("generate", f"top_k {top_k} is below 1", "leave it unset to disable")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise user_error("generate", f"top_p {top_p} is outside (0, 1]", "leave it unset to disable")
+    if repetition_penalty <= 0:
+        raise user_error("generate", f"repetition_penalty {repetition_penalty} is not positive", "1.0 disables it")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on every token already in the sequence: positive logits divided by it, negative
+    ones multiplied, so penalty > 1 always makes a repeat less likely."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        # nucleus: keep the most likely tokens until their mass reaches top_p (at least one)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Print a preset's parameter count per part.")
+    parser.add_argument("--config", required=True, help="a preset such as configs/26m.json")
+    parser.add_argument("--vocab_size", type=int, default=None, help="the tokenizer's (default: the preset's, else 16000)")
+    args = parser.parse_args()
+    try:
+        path = Path(args.config)
+        if not path.is_file():
+            raise user_error(path, "config file not found", "see configs/ for the presets")
+        try:
+            model_cfg = dict(json.loads(path.read_text()).get("model", {}))
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise user_error(path, f"not a JSON object with a \"model\" section ({e})") from None
+        if args.vocab_size is not None or not model_cfg.get("vocab_size"):
+            model_cfg["vocab_size"] = args.vocab_size or 16000
+        config = ModelConfig.from_dict(model_cfg, where=str(path))
+        with torch.device("meta"):  # counting needs shapes, not memory or an init
+            model = Transformer(config)
+    except NanozhError as e:
+        exit_on_user_error(e)
+    counts = model.param_counts()
+    print(f"{path}: vocab {config.vocab_size} (padded {config.padded_vocab_size}), {config.n_layer} layers, "
+          f"n_embd {config.n_embd}, heads {config.n_head}/{config.n_kv_head} kv, ffn {config.hidden_size}, "
+          f"block {config.block_size}, tied {config.tie_embeddings}")
+    for part, n in counts.items():
+        print(f"  {part:<10} {n:>13,}  {n / 1e6:8.2f}M")
+    print(f"  training FLOPs/token at T={config.block_size}: {model.flops_per_token(config.block_size) / 1e6:.1f}M")
+
+
+if __name__ == "__main__":
+    main()
