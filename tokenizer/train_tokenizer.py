@@ -94,6 +94,9 @@ def train(texts: Iterable[str], vocab_size: int, input_sentence_size: int = 2_00
             # by input_sentence_size * average paragraph length, not by the corpus.
             input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=SPECIALS[4:],
+            # the piece for a space must exist whatever the corpus: without it a space would go
+            # through byte fallback as the bytes of U+2581 and decode as "\u2581", not " "
+            required_chars="\u2581",
             num_threads=num_threads or min(16, os.cpu_count() or 1), minloglevel=2)
     except RuntimeError as e:
         if isinstance(paragraphs.error, NanozhError):
@@ -104,7 +107,7 @@ def train(texts: Iterable[str], vocab_size: int, input_sentence_size: int = 2_00
             raise user_error("--input", "no text to train on", "check the input files") from None
         msg = str(e).splitlines()[0].split("] ")[-1]
         raise user_error("--vocab_size", f"sentencepiece could not train: {msg}",
-                         "pick a vocab_size that suits the corpus") from None
+                         "adjust --vocab_size or --character_coverage") from None
     stats = {"sentences": paragraphs.sentences, "chars": paragraphs.chars,
              "sampled": min(paragraphs.sentences, input_sentence_size), "seconds": time.time() - t0}
     return model.getvalue(), stats
@@ -136,13 +139,14 @@ def main() -> None:
     p.add_argument("--max_sentence_length", type=int, default=16384, help="bytes; longer lines are cut")
     p.add_argument("--num_threads", type=int, default=None)
     args = p.parse_args()
+    docs = tqdm((text for _, text in iter_pretrain(args.input)), desc="reading", unit=" docs")
     try:
-        docs = tqdm((text for _, text in iter_pretrain(args.input)), desc="reading", unit=" docs")
         model, s = train(docs, args.vocab_size, args.input_sentence_size, args.character_coverage,
                          args.max_sentence_length, args.num_threads)
         docs.close()
         path = write_tokenizer(model, args.out)
     except NanozhError as e:
+        docs.close()
         exit_on_user_error(e)
     print(f"trained {path}: vocab {args.vocab_size}, {s['sampled']:,} of {s['sentences']:,} paragraphs "
           f"({s['chars'] / 1e6:.1f}M chars read), {s['seconds']:.1f}s")
