@@ -11,7 +11,6 @@ computed the same way.
 from collections.abc import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # scoring: total negative log-likelihood of tokens, in windows of the model's context
@@ -82,10 +81,9 @@ def _nll_of_batch(model, batch: list[tuple[torch.Tensor, torch.Tensor]], device)
     for i, (xi, yi) in enumerate(batch):
         x[i, : len(xi)], y[i, : len(yi)] = xi, yi
     x, y = x.to(device), y.to(device)
-    logits, _ = model(x, y)
+    _, nll = model(x, y, reduction="none")  # (B, T) fp32, 0 where y == -1
     # summed in fp32 per batch, accumulated in Python floats (fp64) across batches
-    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
-    return nll.item(), int((y != -1).sum())
+    return nll.sum().item(), int((y != -1).sum())
 
 
 def nll_of_tokens(model, tokens: torch.Tensor, context: int, stride: int, batch_size: int = 8) -> tuple[float, int]:
