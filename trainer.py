@@ -1,0 +1,566 @@
+"""What the three training scripts share, and only that. Each train_*.py keeps its own loop in view
+and calls these plain functions around it:
+
+    cfg = parse_config(PretrainConfig, sys.argv[1:])   # dataclass defaults <- --config FILE <- --key=value
+    dist = init_distributed(cfg.device)                # torchrun env: rank, world size, device, NCCL/gloo
+    dtype = resolve_dtype(cfg.dtype, dist.device)      # bf16 autocast, fp16 + GradScaler, or fp32
+    optimizer = make_optimizer(model, cfg, dist.device)
+    lr = lr_at(step, cfg)                              # linear warmup, cosine decay to min_lr
+    step, extra = resume(...) / save_checkpoint(...)   # OUT_DIR/step_NNNNNNN/, OUT_DIR/latest
+    loss, stop = reduce_step(dist, loss_sum, stop_flag.requested)
+    logger.log(step, loss=..., lr=...)                 # stdout line + tqdm bar + OUT_DIR/metrics.jsonl
+
+A checkpoint is a model directory (model.safetensors + config.json, what sample.py and eval.py
+load) plus tokenizer.model, train_config.json and train_state.pt (optimizer, GradScaler, step, RNG
+states of every rank). It is written into OUT_DIR/.tmp_step_NNNNNNN, fsync'd, renamed into place
+and only then pointed to by the `latest` symlink, so a run killed at any moment (even kill -9
+during a save) leaves the previous checkpoints whole, and --resume never sees a half-written one.
+"""
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import types
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from errors import NanozhError, user_error
+from model import ModelConfig, Transformer, load_model
+
+# -----------------------------------------------------------------------------
+# config: one dataclass of defaults per script, then a JSON file, then --key=value flags
+
+
+@dataclass
+class TrainConfig:
+    """The settings every training script has; each script subclasses it with its own defaults."""
+    data: str = ""                # shard directory written by data/prepare.py (holds tokenizer.model)
+    out_dir: str = "out/run"      # checkpoints, metrics.jsonl
+    init_from: str = ""           # start from this model directory instead of random weights
+    resume: bool = False          # continue from the newest good checkpoint in out_dir
+    model: dict = field(default_factory=dict)  # ModelConfig settings: --model.n_layer=4
+    # batch: tokens per step = batch_size * grad_accum * world size * sequence length
+    batch_size: int = 16          # sequences per micro-step on each rank
+    grad_accum: int = 1           # micro-steps per optimizer step
+    max_steps: int = 1000
+    # AdamW with linear warmup then cosine decay to min_lr at max_steps
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0        # max global grad norm; 0 = no clipping
+    # system
+    seed: int = 1337
+    device: str = "auto"          # auto (cuda if available, else cpu), cpu, cuda
+    dtype: str = "auto"           # auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32
+    compile: bool = False         # torch.compile the model
+    # logging and checkpoints
+    log_every: int = 10
+    eval_every: int = 250         # validation loss every N steps (and at the end); 0 = never
+    save_every: int = 500         # checkpoint every N steps (and at the end and on SIGINT/SIGTERM)
+    keep_last: int = 3            # checkpoints kept; 0 = all
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_config(cls: type, argv: list[str]):
+    """Defaults of the dataclass `cls`, overridden by each `--config FILE` (JSON) in order, then
+    by the other flags in order. Flags are `--key=value`, `--key value`, or `--key` for a bool;
+    model settings are `--model.key=value`. Unknown keys and unparsable values are errors."""
+    flags = _split_flags(argv)
+    cfg = cls()
+    for key, value in flags:
+        if key == "config":
+            _apply_config_file(cfg, value)
+    for key, value in flags:
+        if key != "config":
+            _set(cfg, key, value, "command line", f"--{key}")
+    return cfg
+
+
+def _split_flags(argv: list[str]) -> list[tuple[str, str | None]]:
+    flags, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise user_error("command line", f"unexpected argument {arg!r}", "flags are --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:  # --key value, or a bare --flag when nothing follows but another flag
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = argv[i + 1] if has_value else None
+            i += has_value
+        flags.append((key.replace("-", "_"), value))
+        i += 1
+    return flags
+
+
+def _apply_config_file(cfg, path: str | None) -> None:
+    if path is None:
+        raise user_error("command line", "--config needs a file", "--config configs/tiny.json")
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise user_error(path, f"cannot read config file: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise user_error(path, f"not valid JSON: {e.msg}", line=e.lineno) from None
+    if not isinstance(values, dict):
+        raise user_error(path, "a config file must hold one JSON object")
+    for key, value in values.items():
+        if key == "model" and isinstance(value, dict):
+            for sub, v in value.items():
+                _set(cfg, f"model.{sub}", v, path, f"model.{sub}")
+        else:
+            _set(cfg, key, value, path, key)
+
+
+def _set(cfg, key: str, value, where: str, shown: str) -> None:
+    """Set one setting (a string from the command line, a JSON value from a file) to its field's type."""
+    if key.startswith("model."):
+        types_ = typing.get_type_hints(ModelConfig)
+        name = key[len("model."):]
+        if name not in types_:
+            raise _unknown(where, shown, name, list(types_), "model.")
+        cfg.model[name] = _convert(value, types_[name], where, shown)
+        return
+    types_ = {f.name: f.type for f in dataclasses.fields(cfg) if f.name != "model"}
+    types_ = {k: typing.get_type_hints(type(cfg))[k] for k in types_}
+    if key not in types_:
+        raise _unknown(where, shown, key, list(types_) + ["config"], "")
+    setattr(cfg, key, _convert(value, types_[key], where, shown))
+
+
+def _unknown(where: str, shown: str, key: str, known: list[str], prefix: str) -> NanozhError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(prefix + k for k in known)}"
+    return user_error(where, f"unknown config key {shown!r}", hint)
+
+
+def _convert(value, typ, where: str, shown: str):
+    """`value` as type `typ` (bool, int, float, str, or X | None). Command-line strings are parsed;
+    JSON values must already have the type (an int is accepted for a float)."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in typing.get_args(typ):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    ok = None
+    if typ is bool:
+        ok = value if isinstance(value, bool) else True if value is None else _BOOLS.get(str(value).lower())
+    elif typ in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        ok = typ(value) if typ is float or isinstance(value, int) else None
+    elif typ in (int, float) and isinstance(value, str):
+        try:
+            ok = typ(value)
+        except ValueError:
+            pass
+    elif typ is str and isinstance(value, str):
+        ok = value
+    if ok is None:
+        raise user_error(where, f"{shown}={value!r} is not a valid {typ.__name__}")
+    return ok
+
+
+def print_config(cfg, model_config: ModelConfig) -> None:
+    resolved = {**asdict(cfg), "model": asdict(model_config)}
+    print(json.dumps(resolved, indent=2, ensure_ascii=False))
+
+# -----------------------------------------------------------------------------
+# distributed setup, device and precision
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str) -> Dist:
+    """Rank and device from the environment torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE; the same
+    on one node or many); a plain `python train_x.py` is rank 0 of 1. NCCL on CUDA, gloo on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise user_error("command line", f"--device={device} is not a device", "use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise user_error("command line", "--device=cuda but no CUDA device is available", "use --device=cpu")
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world_size > 1:
+        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                      device_id=dev if dev.type == "cuda" else None)
+    return Dist(rank, local_rank, world_size, dev)
+
+
+def cleanup_distributed() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise user_error("command line", f"--dtype={name} is not supported", "use auto, bfloat16, float16 or float32")
+    return dtypes[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision: weights and optimizer state stay fp32, matmuls run in dtype."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none. A
+    disabled scaler passes everything through, so the loop uses one code path for all dtypes."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+# -----------------------------------------------------------------------------
+# model, optimizer, learning rate
+
+
+def build_model(cfg, tokenizer_path: Path, device: torch.device) -> Transformer:
+    """A fresh model from cfg.model with the tokenizer's vocabulary, or the model in cfg.init_from
+    (whose tokenizer must be the data's). Every rank builds the same weights: the seed is shared."""
+    if cfg.init_from:
+        model = load_model(cfg.init_from)
+        check_same_tokenizer(Path(cfg.init_from) / "tokenizer.model", tokenizer_path)
+    else:
+        from tokenizer.tokenizer import Tokenizer
+        config = ModelConfig.from_dict({**cfg.model, "vocab_size": Tokenizer(tokenizer_path).vocab_size},
+                                       where="model settings")
+        torch.manual_seed(cfg.seed)
+        model = Transformer(config)
+    return model.to(device)
+
+
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (linear and embedding weights), never on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # the fused CUDA kernel updates every tensor in one launch instead of several per tensor
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+# -----------------------------------------------------------------------------
+# one small collective per step: the mean loss, and whether any rank was asked to stop
+
+
+def reduce_step(dist: Dist, loss_sum: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
+    """Mean of this step's loss over ranks, and whether any rank got SIGINT/SIGTERM. Doing both in
+    one all-reduce every step is what lets all ranks agree to stop after the same step (a signal
+    may reach only some of them) while costing next to nothing."""
+    t = torch.stack([loss_sum.detach().float(), torch.tensor(float(stop_requested), device=loss_sum.device)])
+    if dist.ddp:
+        torch_dist.all_reduce(t)
+    loss, stops = t.tolist()
+    return loss / dist.world_size, stops > 0
+
+
+def check_loss(loss: float, step: int, out_dir: str) -> None:
+    """A NaN/inf loss stops the run before the optimizer step can spread it into the weights."""
+    if not math.isfinite(loss):
+        raise user_error(out_dir, f"loss is {loss} at step {step}; stopped before updating the weights",
+                         "the last checkpoint is intact: lower --lr, raise --warmup_steps or --grad_clip, "
+                         "or use --dtype=bfloat16, then --resume")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM only set a flag: the loop finishes its step, saves and exits 0. A second
+    Ctrl-C stops at once (without saving), for the impatient."""
+
+    def __init__(self, verbose: bool):
+        self.requested, self.verbose = False, verbose
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+
+# -----------------------------------------------------------------------------
+# checkpoints: OUT_DIR/step_NNNNNNN/ written to a temp dir, fsync'd, renamed; `latest` updated last
+
+
+def _step_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints in out_dir, newest first (temp dirs never match the name)."""
+    dirs = [p for p in out_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(out_dir: str, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, cfg, tokenizer_path: Path, dist: Dist,
+                    extra: dict | None = None) -> Path | None:
+    """Write OUT_DIR/step_NNNNNNN (the state after `step` optimizer steps) and point `latest` at it.
+    Every rank must call it (the RNG states of all ranks are gathered); only rank 0 writes.
+    `model` is the bare Transformer, not the DDP/compiled wrapper."""
+    rng = [_rng_state(dist.device)]
+    if dist.ddp:
+        rng = [None] * dist.world_size
+        torch_dist.all_gather_object(rng, _rng_state(dist.device))
+        rng = [{k: v.cpu() for k, v in r.items()} for r in rng]
+    if not dist.is_main:
+        return None
+    out = Path(out_dir)
+    final, tmp = out / f"step_{step:07d}", out / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save(tmp)
+    shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+    (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, ensure_ascii=False) + "\n")
+    state = {"step": step, "world_size": dist.world_size, "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "rng": rng, "extra": extra or {}}
+    torch.save(state, tmp / "train_state.pt")
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if final.exists():  # left by a run that went past this step, then was resumed from an earlier one
+        old = out / f".old_{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(final)
+    link = out / ".latest.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(final.name)  # relative, so the run directory can be moved or copied
+    os.replace(link, out / "latest")
+    _fsync(out)
+    _prune(out, step, cfg.keep_last)
+    return final
+
+
+def _prune(out: Path, step: int, keep_last: int) -> None:
+    """Keep the newest keep_last checkpoints up to `step`. Newer ones can only be leftovers a resume
+    skipped (unreadable); they are left alone and replaced when the run reaches their step."""
+    if keep_last > 0:
+        older = [p for p in _step_dirs(out) if int(p.name[5:]) < step]
+        for p in older[keep_last - 1:]:
+            shutil.rmtree(p)
+
+
+def remove_temp_dirs(out_dir: str) -> None:
+    """Clear half-written checkpoints left by a run killed mid-save (never read: they are not step_*)."""
+    for p in Path(out_dir).glob(".tmp_step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in Path(out_dir).glob(".old_step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_same_tokenizer(model_tokenizer: Path, data_tokenizer: Path) -> None:
+    if not model_tokenizer.exists():
+        raise user_error(model_tokenizer, "no tokenizer.model beside the model", "copy the tokenizer it was trained with here")
+    if file_sha256(model_tokenizer) != file_sha256(data_tokenizer):
+        raise user_error(model_tokenizer, f"the model was trained with a different tokenizer than {data_tokenizer}",
+                         "train on data prepared with the model's tokenizer, or start a new --out_dir")
+
+
+def _load_train_state(ckpt: Path, model: Transformer) -> dict:
+    """Weights into `model` and the train state dict of one checkpoint; NanozhError if unreadable."""
+    state_path = ckpt / "train_state.pt"
+    if not state_path.exists():
+        raise user_error(state_path, "missing")
+    weights = load_model(ckpt)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage bytes: torch raises several kinds
+        raise user_error(state_path, f"unreadable ({type(e).__name__})") from None
+    _check_same_model(ckpt, weights.config, model.config)
+    model.load_state_dict(weights.state_dict())
+    return state
+
+
+def _check_same_model(ckpt: Path, saved: ModelConfig, ours: ModelConfig) -> None:
+    # the attention implementation changes how, not what, is computed: resuming on another is fine
+    a, b = asdict(saved), asdict(ours)
+    diff = [f"{k} {a[k]} != {b[k]}" for k in a if k != "attn_impl" and a[k] != b.get(k)]
+    if diff:
+        raise NanozhError(f"nanozh: {ckpt / 'config.json'}: the checkpoint's model differs from this run's "
+                          f"({', '.join(diff)}): resume with the same model settings, or use a new --out_dir")
+
+
+def resume(out_dir: str, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+           tokenizer_path: Path, dist: Dist) -> tuple[int, dict]:
+    """Load the newest readable checkpoint in out_dir into model, optimizer, scaler and the RNGs;
+    returns (step, extra). Unreadable checkpoints are reported on stderr and skipped; a checkpoint
+    of another model or tokenizer is an error (a different run, not a damaged one)."""
+    dirs = _step_dirs(Path(out_dir))
+    if not dirs:
+        raise user_error(out_dir, "--resume but no checkpoint here", "check --out_dir, or drop --resume to start fresh")
+    for ckpt in dirs:
+        check_same_tokenizer(ckpt / "tokenizer.model", tokenizer_path)
+        try:
+            state = _load_train_state(ckpt, model)
+            break
+        except NanozhError as e:
+            if "the checkpoint's model differs" in str(e):
+                raise
+            if dist.is_main:
+                print(f"{e} -- skipping {ckpt.name}, trying the previous checkpoint", file=sys.stderr)
+    else:
+        raise user_error(out_dir, "no readable checkpoint", "see the messages above; start a new --out_dir")
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if len(state["rng"]) == dist.world_size:
+        rng = state["rng"][dist.rank]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and dist.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], dist.device)
+    elif dist.is_main:
+        print(f"resuming on {dist.world_size} ranks from a run on {len(state['rng'])}: "
+              "random streams (dropout) restart from the seed", file=sys.stderr)
+    if dist.is_main:
+        print(f"resumed from {ckpt} (step {state['step']})")
+    return state["step"], state["extra"]
+
+# -----------------------------------------------------------------------------
+# logging: a line per logged step, a tqdm bar, OUT_DIR/metrics.jsonl; MFU and memory
+
+# dense bf16/fp16 tensor-core peak, TFLOP/s, matched against torch.cuda.get_device_name()
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("H800", 989), ("GH200", 989),
+               ("B200", 2250), ("A100", 312), ("A800", 312), ("L40S", 362), ("A6000", 155), ("A10G", 125),
+               ("A10", 125), ("L4", 121), ("4090", 165), ("3090", 71), ("V100", 125), ("T4", 65)]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS if key in name), None)
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, dist: Dist) -> float | None:
+    """Model FLOPs utilisation: the FLOPs the model needs per token (Transformer.flops_per_token:
+    6 x matmul params + the attention term) x measured tokens/s, over the peak of all GPUs."""
+    peak = peak_flops(dist.device)
+    return None if peak is None else flops_per_token * tokens_per_s / (peak * dist.world_size)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated by tensors, or on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return f"{key} n/a"
+    if key == "lr":
+        return f"lr {value:.2e}"
+    if key == "tok_s":
+        return f"{value / 1e3:.1f}k tok/s"
+    if key == "mfu":
+        return f"mfu {100 * value:.1f}%"
+    if key == "mem_gib":
+        return f"mem {value:.2f}GiB"
+    if key == "ms":
+        return f"{value:.0f}ms"
+    return f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+
+
+class Logger:
+    """Rank 0's log: a tqdm bar over the steps, a printed line per logged step and one JSON object
+    per line in OUT_DIR/metrics.jsonl. On resume, lines past the checkpoint's step (logged by the
+    run that was interrupted, and about to be redone) are dropped, so the file reads as one run."""
+
+    def __init__(self, out_dir: str, dist: Dist, start_step: int, max_steps: int):
+        self.active = dist.is_main
+        self.path = Path(out_dir) / "metrics.jsonl"
+        if self.active:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+                kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+                os.replace(tmp, self.path)
+        self.bar = tqdm(total=max_steps, initial=start_step, disable=not self.active, unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, **metrics) -> None:
+        if not self.active:
+            return
+        self.bar.write(" | ".join([f"step {step}"] + [_fmt(k, v) for k, v in metrics.items()]))
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def update(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def close(self, summary: str) -> None:
+        self.bar.close()
+        if self.active:
+            print(summary)
+
