@@ -1,0 +1,362 @@
+"""Turn raw text into token shards: read -> clean -> deduplicate -> tokenize -> split -> write.
+
+    python data/prepare.py --kind pretrain --input data/corpus/pretrain --tokenizer tokenizer/tokenizer.model --out out/data/pretrain
+    python data/prepare.py --kind sft --input data/corpus/sft.jsonl.gz --tokenizer tokenizer/tokenizer.model --out out/data/sft
+    python data/prepare.py --kind dpo --input data/corpus/dpo.jsonl.gz --tokenizer tokenizer/tokenizer.model --out out/data/dpo
+
+Inputs are files or directories of .txt/.jsonl/.json/.parquet (see data/sources.py for the fields
+read). The main process streams records and hands chunks of them to --workers processes, which
+clean each text (data/clean.py), compute its MinHash signature and tokenize it; the main process
+takes the results back in input order, drops exact and near duplicates (that needs every earlier
+document, so it cannot be split across workers), and appends what survives to the train or val
+split, chosen by a hash of the document so that the same text always lands in the same split.
+At most a few chunks per worker are in flight, so memory stays flat however large the corpus.
+
+SFT conversations are rendered with the one chat template (Tokenizer.render_chat); one longer than
+--max_len tokens keeps its leading turns up to the last assistant turn that fits, and is dropped
+when even its first exchange does not fit. DPO examples store the prompt rendered with the
+assistant header, then each answer as its tokens and <|im_end|>. Every record dropped or changed
+is counted and printed.
+
+Everything is written into a temporary directory beside --out and renamed into place at the end:
+a failed run leaves no output, and an existing --out is replaced only by a complete one.
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+from itertools import accumulate
+from multiprocessing import Pool
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+import numpy as np
+from tqdm import tqdm
+
+from data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, minhash_signature
+from data.shards import SplitWriter, write_meta
+from data.sources import iter_dpo, iter_pretrain, iter_sft
+from errors import NanozhError, exit_on_user_error, user_error
+from tokenizer.tokenizer import Tokenizer
+
+READERS = {"pretrain": iter_pretrain, "sft": iter_sft, "dpo": iter_dpo}
+CHUNK_CHARS = 256_000  # text per task: big enough to amortise the inter-process hop, small for a steady bar
+MAX_SHOWN_ERRORS = 10
+
+
+@dataclass
+class Record:
+    """What a worker learned about one input record; the main process decides whether it is kept."""
+    where: str
+    n_bytes: int                    # UTF-8 size of the raw text, for MB/s
+    rules: list[str] = field(default_factory=list)  # cleaning rules that changed it
+    drop: str | None = None         # why it is dropped before dedup (a Counter key), if it is
+    error: str | None = None        # a malformed record's one-line message
+    text: str = ""                  # the cleaned text dedup compares
+    signature: np.ndarray | None = None
+    val: bool = False
+    arrays: tuple = ()              # what SplitWriter.add takes
+    truncated: bool = False
+
+
+# ----------------------------------------------------------------------------- worker side
+# Each worker process loads the tokenizer once (_init) and then turns chunks of records into Records.
+
+_W: dict = {}
+
+
+def _init(tokenizer_path: str, cfg: CleanConfig, kind: str, max_len: int, val_fraction: float) -> None:
+    # min_chars is for pretraining documents; a chat turn as short as "好" is fine, an empty one is not
+    turn_cfg = replace(cfg, min_chars=1) if kind != "pretrain" else cfg
+    _W.update(tok=Tokenizer(tokenizer_path), cfg=cfg, turn_cfg=turn_cfg, kind=kind, max_len=max_len,
+              val_fraction=val_fraction)
+
+
+def _in_val(text: str) -> bool:
+    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < _W["val_fraction"]
+
+
+def _clean(rec: Record, text: str) -> str:
+    """The cleaned text of one document or chat turn ("" when dropped), noting the rules that changed it."""
+    cleaned, rules = clean_text(text, _W["turn_cfg"])
+    rec.rules += [r for r in rules if r not in rec.rules and r != "min_chars"]
+    return cleaned
+
+
+def _finish(rec: Record, text: str) -> None:
+    """Dedup key, signature and split for a record that survived cleaning."""
+    cfg = _W["cfg"]
+    rec.text = text
+    rec.signature = minhash_signature(text, cfg) if cfg.near_dedup else None
+    rec.val = _in_val(text)
+
+
+def _pretrain(chunk: list) -> list[Record]:
+    tok = _W["tok"]
+    out = []
+    for where, text in chunk:
+        rec = Record(where, len(text.encode()))
+        cleaned = _clean(rec, text)
+        if not cleaned:
+            rec.drop = "min_chars"
+        else:
+            _finish(rec, cleaned)
+        out.append(rec)
+    kept = [r for r in out if r.drop is None]
+    for rec, ids in zip(kept, tok.encode_batch([r.text for r in kept], num_threads=1)):
+        rec.arrays = (ids + [tok.eos_id],)
+    return out
+
+
+def _fit_turns(messages: list[dict]) -> tuple[list[int], list[int], bool] | None:
+    """(ids, mask, truncated) of the conversation cut after its last assistant turn that ends within
+    max_len tokens; None when even the first assistant turn does not fit."""
+    tok, max_len = _W["tok"], _W["max_len"]
+    ids, mask = tok.render_chat(messages)
+    if len(ids) <= max_len:
+        return ids, mask, False
+    ends = list(accumulate(len(tok.render_chat([m])[0]) for m in messages))  # turns render independently
+    assert ends[-1] == len(ids), "render_chat is no longer a concatenation of its turns"
+    fits = [e for m, e in zip(messages, ends) if m["role"] == "assistant" and e <= max_len]
+    return (ids[:fits[-1]], mask[:fits[-1]], True) if fits else None
+
+
+def _sft(chunk: list) -> list[Record]:
+    out = []
+    for where, messages in chunk:
+        rec = Record(where, sum(len(m["content"].encode()) for m in messages))
+        messages = [{"role": m["role"], "content": _clean(rec, m["content"])} for m in messages]
+        if not all(m["content"] for m in messages):
+            rec.drop = "empty"
+        elif (fit := _render(rec, _fit_turns, messages)) is None:
+            rec.drop = rec.drop or "too_long"
+        else:
+            ids, mask, rec.truncated = fit
+            rec.arrays = (ids, mask)
+            _finish(rec, "\n".join(f"{m['role']}: {m['content']}" for m in messages))
+        out.append(rec)
+    return out
+
+
+def _answer_ids(prompt: list[dict], prompt_ids: list[int], answer: str) -> list[int]:
+    """The tokens an assistant answer adds after the prompt: its content and <|im_end|>."""
+    ids, mask = _W["tok"].render_chat(prompt + [{"role": "assistant", "content": answer}])
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise RuntimeError("chat template: the generation prompt is not a prefix of the answered conversation")
+    return ids[len(prompt_ids):len(prompt_ids) + sum(mask[len(prompt_ids):])]
+
+
+def _dpo_arrays(prompt: list[dict], chosen: str, rejected: str) -> tuple | None:
+    prompt_ids, _ = _W["tok"].render_chat(prompt, add_generation_prompt=True)
+    c, r = _answer_ids(prompt, prompt_ids, chosen), _answer_ids(prompt, prompt_ids, rejected)
+    return (prompt_ids, c, r) if len(prompt_ids) + max(len(c), len(r)) <= _W["max_len"] else None
+
+
+def _dpo(chunk: list) -> list[Record]:
+    out = []
+    for where, ex in chunk:
+        texts = [m["content"] for m in ex["prompt"]] + [ex["chosen"], ex["rejected"]]
+        rec = Record(where, sum(len(t.encode()) for t in texts))
+        prompt = [{"role": m["role"], "content": _clean(rec, m["content"])} for m in ex["prompt"]]
+        chosen, rejected = _clean(rec, ex["chosen"]), _clean(rec, ex["rejected"])
+        if not all(m["content"] for m in prompt) or not chosen or not rejected:
+            rec.drop = "empty"
+        elif chosen == rejected:
+            rec.drop = "identical_answers"
+        elif (arrays := _render(rec, _dpo_arrays, prompt, chosen, rejected)) is None:
+            rec.drop = rec.drop or "too_long"
+        else:
+            rec.arrays = arrays
+            prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+            _finish(rec, f"{prompt_text}\nchosen: {chosen}\nrejected: {rejected}")
+        out.append(rec)
+    return out
+
+
+def _render(rec: Record, fn, *args):
+    """fn(*args), turning a chat-template error (say, a system turn after the first) into a
+    malformed-record error at the record's file:line."""
+    try:
+        return fn(*args)
+    except NanozhError as e:
+        rec.drop, rec.error = "malformed", f"nanozh: {rec.where}: {str(e).removeprefix('nanozh: ')}"
+        return None
+
+
+WORK = {"pretrain": _pretrain, "sft": _sft, "dpo": _dpo}
+
+
+def _work(chunk: list) -> list[Record]:
+    return WORK[_W["kind"]](chunk)
+
+
+# ----------------------------------------------------------------------------- main process
+
+def _chars(rec) -> int:
+    if isinstance(rec, str):
+        return len(rec)
+    if isinstance(rec, list):
+        return sum(len(m["content"]) for m in rec)
+    return _chars(rec["prompt"]) + len(rec["chosen"]) + len(rec["rejected"])
+
+
+def chunks(records, chunk_chars: int = CHUNK_CHARS):
+    """Group (where, record) pairs into lists of about chunk_chars characters of text."""
+    chunk, size = [], 0
+    for where, rec in records:
+        chunk.append((where, rec))
+        size += _chars(rec)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def ordered_results(fn, tasks, workers: int, init_args: tuple):
+    """fn(task) for each task, in order, computed by `workers` processes with at most a few tasks in
+    flight. (Pool.imap reads its whole input ahead, which would hold the corpus in memory.)"""
+    if workers <= 1:
+        _init(*init_args)
+        yield from map(fn, tasks)
+        return
+    with Pool(workers, initializer=_init, initargs=init_args) as pool:
+        pending = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(fn, (task,)))
+            if len(pending) >= 3 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", required=True, choices=sorted(READERS))
+    p.add_argument("--input", required=True, nargs="+", help="files or directories")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model (or a directory holding one)")
+    p.add_argument("--out", required=True, help="shard directory to write (replaced if it exists)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizing processes")
+    p.add_argument("--val_fraction", type=float, default=0.005, help="share of documents held out, by hash")
+    p.add_argument("--max_len", type=int, default=512, help="sft/dpo: most tokens per example")
+    p.add_argument("--max_shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
+    p.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
+    c = CleanConfig()
+    p.add_argument("--no_whitespace", action="store_true", help="keep \\u3000, \\xa0, zero-width characters, \\r\\n")
+    p.add_argument("--no_control_chars", action="store_true", help="keep control characters")
+    p.add_argument("--no_repeated_punct", action="store_true", help="keep long runs of punctuation")
+    p.add_argument("--nfkc", action="store_true", help="NFKC-normalise (turns ，！？ into ASCII)")
+    p.add_argument("--min_chars", type=int, default=c.min_chars, help="pretrain: drop shorter documents")
+    p.add_argument("--no_exact_dedup", action="store_true")
+    p.add_argument("--no_near_dedup", action="store_true")
+    p.add_argument("--near_threshold", type=float, default=c.near_threshold, help="MinHash Jaccard of a near duplicate")
+    args = p.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        raise user_error("--val_fraction", f"{args.val_fraction} is not in [0, 1)", "e.g. 0.005")
+    return args
+
+
+def clean_config(args: argparse.Namespace) -> CleanConfig:
+    return CleanConfig(whitespace=not args.no_whitespace, control_chars=not args.no_control_chars,
+                       repeated_punct=not args.no_repeated_punct, nfkc=args.nfkc, min_chars=args.min_chars,
+                       exact_dedup=not args.no_exact_dedup, near_dedup=not args.no_near_dedup,
+                       near_threshold=args.near_threshold)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished tmp into place as out; an existing out goes only after tmp is in place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    t0 = time.time()
+    tok = Tokenizer(args.tokenizer)
+    out = Path(args.out)
+    if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise user_error(out, "exists and is not a shard directory", "choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = _write_shards(args, tok, tmp, t0)
+        shutil.copyfile(tok.path, tmp / "tokenizer.model")
+        write_meta(tmp, meta)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path, t0: float) -> dict:
+    cfg = clean_config(args)
+    stats, dedup, counts, errors = CleanStats(), Deduplicator(cfg), Counter(), []
+
+    def on_error(err: NanozhError) -> None:
+        if args.strict:
+            raise err
+        counts["malformed"] += 1
+        if counts["malformed"] <= MAX_SHOWN_ERRORS:
+            tqdm.write(f"skipped: {err}", file=sys.stderr)
+
+    writers = {s: SplitWriter(tmp, s, args.kind, tok.vocab_size, args.max_shard_tokens) for s in ("train", "val")}
+    records = READERS[args.kind](args.input, on_error=on_error)
+    init_args = (str(tok.path), cfg, args.kind, args.max_len, args.val_fraction)
+    n_bytes = 0
+    # on an exception the half-written shards go with the temporary directory prepare() removes
+    with tqdm(desc=f"prepare {args.kind}", unit=" docs", smoothing=0.1) as bar:
+        for results in ordered_results(_work, chunks(records), args.workers, init_args):
+            for rec in results:
+                n_bytes += rec.n_bytes
+                if rec.error:
+                    on_error(NanozhError(rec.error))
+                    continue
+                verdict = rec.drop or dedup.check(rec.text, rec.signature)
+                stats.add(rec.rules, verdict)
+                if rec.truncated and not verdict:
+                    counts["truncated"] += 1
+                if not verdict:
+                    writers["val" if rec.val else "train"].add(*rec.arrays)
+            bar.update(len(results))
+            bar.set_postfix_str(f"{n_bytes / 1e6:.1f} MB", refresh=False)
+    splits = {s: w.close() for s, w in writers.items()}
+    print(stats.summary())
+    if not splits["train"]["examples"] + splits["val"]["examples"]:
+        raise user_error(" ".join(args.input), f"no {args.kind} examples survived ({stats.docs_in} read)",
+                         "check the input and the cleaning flags")
+    elapsed = time.time() - t0
+    n_tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
+    for key, n in sorted(counts.items()):
+        print(f"{key}: {n:,}")
+    print(f"prepare {args.kind}: {n_bytes / 1e6:.1f} MB in {elapsed:.1f}s ({n_bytes / 1e6 / elapsed:.2f} MB/s, "
+          f"{n_tokens / elapsed:,.0f} tokens/s); train {splits['train']['tokens']:,} tokens in "
+          f"{splits['train']['examples']:,} examples, val {splits['val']['tokens']:,} tokens in "
+          f"{splits['val']['examples']:,} examples -> {args.out}")
+    return {"kind": args.kind, "vocab_size": tok.vocab_size, "tokenizer_sha256": tok.sha256,
+            "eos_id": tok.eos_id, "pad_id": tok.pad_id, "im_start_id": tok.im_start_id, "im_end_id": tok.im_end_id,
+            "splits": splits, "counts": dict(counts), "input_bytes": n_bytes,
+            "clean": {"docs_in": stats.docs_in, "docs_out": stats.docs_out,
+                      "changed": dict(stats.changed), "dropped": dict(stats.dropped)},
+            "args": vars(args)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        prepare(parse_args(argv))
+    except NanozhError as e:
+        exit_on_user_error(e)
+
+
+if __name__ == "__main__":
+    main()

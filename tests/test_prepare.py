@@ -1,0 +1,180 @@
+"""data/prepare.py end to end on small generated corpora: what it keeps, drops and writes, and what
+a bad input gets (one line, nothing left behind)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data.prepare import main
+from data.shards import open_shards, read_meta
+from tokenizer.tokenizer import Tokenizer
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+TOKENIZER = str(ROOT / "tokenizer" / "tokenizer.model")
+HAN = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做必战先回则任取据处府研质信门"
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return str(path)
+
+
+def random_text(rng, n):
+    return "".join(rng.choice(list(HAN), size=n))
+
+
+def run_prepare(capsys, kind, inputs, out, *flags):
+    main(["--kind", kind, "--input", *inputs, "--tokenizer", TOKENIZER, "--out", str(out), "--workers", "1", *flags])
+    return read_meta(out), capsys.readouterr()
+
+
+def run_cli(kind, inputs, out, *flags):
+    cmd = [sys.executable, str(ROOT / "data" / "prepare.py"), "--kind", kind, "--input", *inputs,
+           "--tokenizer", TOKENIZER, "--out", str(out), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def split_docs(shard_dir, split, tok):
+    stream = np.concatenate([s.tokens for s in open_shards(shard_dir, split)]).tolist()
+    docs, start = [], 0
+    for i, t in enumerate(stream):
+        if t == tok.eos_id:
+            docs.append(tok.decode(stream[start:i]))
+            start = i + 1
+    assert start == len(stream), "every document ends with eos"
+    return docs
+
+
+def test_pretrain_end_to_end(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    docs = [random_text(rng, int(n)) for n in rng.integers(20, 200, size=60)]
+    rows = [{"text": d} for d in docs] + [{"text": docs[3]}, {"text": "太短了"}, {"text": docs[5] + "\u3000"}]
+    meta, out = run_prepare(capsys, "pretrain", [write_jsonl(tmp_path / "a.jsonl", rows)], tmp_path / "out",
+                            "--val_fraction", "0.2")
+    tok = Tokenizer(tmp_path / "out")
+    train, val = split_docs(tmp_path / "out", "train", tok), split_docs(tmp_path / "out", "val", tok)
+    assert sorted(train + val) == sorted(docs)  # duplicates and the short one are gone, the rest intact
+    assert train and val and meta["splits"]["val"]["examples"] == len(val)
+    assert meta["kind"] == "pretrain" and meta["tokenizer_sha256"] == tok.sha256
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == open(TOKENIZER, "rb").read()
+    assert "prepare pretrain: " in out.out and "tokens/s" in out.out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left
+
+
+def test_split_is_by_document_not_by_position(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    docs = [random_text(rng, 50) for _ in range(40)]
+    a = tmp_path / "a.jsonl"
+    flags = ("--val_fraction", "0.3")
+    write_jsonl(a, [{"text": d} for d in docs])
+    run_prepare(capsys, "pretrain", [str(a)], tmp_path / "one", *flags)
+    write_jsonl(a, [{"text": d} for d in reversed(docs)])
+    run_prepare(capsys, "pretrain", [str(a)], tmp_path / "two", *flags)
+    tok = Tokenizer(TOKENIZER)
+    assert sorted(split_docs(tmp_path / "one", "val", tok)) == sorted(split_docs(tmp_path / "two", "val", tok))
+
+
+def test_workers_give_the_same_shards_as_one_process(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": random_text(rng, 300)} for _ in range(300)])
+    run_prepare(capsys, "pretrain", [path], tmp_path / "one", "--val_fraction", "0.1")
+    main(["--kind", "pretrain", "--input", path, "--tokenizer", TOKENIZER, "--out", str(tmp_path / "two"),
+          "--workers", "2", "--val_fraction", "0.1"])
+    for name in ("train_00000.bin", "val_00000.bin"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def chat(*turns):
+    roles = ["system"] if len(turns) % 2 else []
+    roles += ["user", "assistant"] * (len(turns) // 2)
+    return {"messages": [{"role": r, "content": c} for r, c in zip(roles, turns)]}
+
+
+def test_sft_end_to_end_mask_truncation_and_drops(tmp_path, capsys):
+    tok = Tokenizer(TOKENIZER)
+    rng = np.random.default_rng(3)
+    short = [chat("你是助手。", "你好", random_text(rng, 10)), chat("问题" + random_text(rng, 5), random_text(rng, 30))]
+    long_turns = [random_text(rng, 40) for _ in range(6)]
+    max_len = len(tok.render_chat(chat(*long_turns[:4])["messages"])[0]) + 5  # two exchanges fit, not three
+    rows = short + [chat(*long_turns), chat(random_text(rng, 400), "好"), chat("你好", "好", "再见")]
+    rows[-1]["messages"].append({"role": "system", "content": "太晚了"})  # a system turn after the first
+    rows[-1]["messages"].append({"role": "assistant", "content": "好"})
+    meta, out = run_prepare(capsys, "sft", [write_jsonl(tmp_path / "s.jsonl", rows)], tmp_path / "out",
+                            "--max_len", str(max_len), "--val_fraction", "0")
+    expected = [m["messages"] for m in short] + [chat(*long_turns[:4])["messages"]]
+    (shard,) = open_shards(tmp_path / "out", "train", "sft")
+    assert shard.n_examples == 3
+    for i, messages in enumerate(expected):
+        ids, mask = tok.render_chat(messages)
+        a, b = shard.offsets[i], shard.offsets[i + 1]
+        assert shard.tokens[a:b].tolist() == ids and shard.mask[a:b].tolist() == mask
+    assert (meta["counts"]["truncated"], meta["clean"]["dropped"]["too_long"], meta["counts"]["malformed"]) == (1, 1, 1)
+    assert "truncated" in out.out and "too_long" in out.out
+
+
+def test_dpo_end_to_end_spans_and_drops(tmp_path, capsys):
+    tok = Tokenizer(TOKENIZER)
+    rows = [{"prompt": "一加一等于几？", "chosen": "等于二。", "rejected": "不知道"},
+            {"prompt": [{"role": "system", "content": "简短回答"}, {"role": "user", "content": "天空是什么颜色？"}],
+             "chosen": "蓝色。", "rejected": "绿色的，因为草是绿色的。"},
+            {"prompt": "一样", "chosen": "相同的回答", "rejected": "相同的回答"},
+            {"prompt": "太长" * 300, "chosen": "好", "rejected": "不好"}]
+    meta, out = run_prepare(capsys, "dpo", [write_jsonl(tmp_path / "d.jsonl", rows)], tmp_path / "out",
+                            "--val_fraction", "0", "--max_len", "128")
+    (shard,) = open_shards(tmp_path / "out", "train", "dpo")
+    assert shard.n_examples == 2
+    for (off, p, c, r), row in zip(shard.index.tolist(), rows):
+        prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+        assert shard.tokens[off:off + p].tolist() == tok.render_chat(prompt, add_generation_prompt=True)[0]
+        assert shard.tokens[off + p:off + p + c].tolist() == tok.encode(row["chosen"]) + [tok.im_end_id]
+        assert shard.tokens[off + p + c:off + p + c + r].tolist() == tok.encode(row["rejected"]) + [tok.im_end_id]
+    assert (meta["clean"]["dropped"]["identical_answers"], meta["clean"]["dropped"]["too_long"]) == (1, 1)
+    assert "identical_answers" in out.out and "too_long" in out.out
+
+
+def assert_one_line_error(result, prefix):
+    assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith(prefix), result.stderr
+    assert "Traceback" not in result.stderr and [l for l in result.stderr.splitlines() if l.startswith("nanozh:")] == [result.stderr.splitlines()[-1]]
+
+
+def test_malformed_line_with_strict_is_one_line_error_and_leaves_nothing(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "第一篇文档，足够长了吧。"}, "{not json", {"text": "第三篇文档，也足够长了。"}])
+    result = run_cli("pretrain", [path], tmp_path / "out", "--strict")
+    assert_one_line_error(result, f"nanozh: {path}:2: malformed JSON")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+def test_malformed_line_without_strict_is_reported_and_skipped(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "第一篇文档，足够长了吧。"}, "{not json", {"text": "第三篇文档，也足够长了。"}])
+    meta, out = run_prepare(capsys, "pretrain", [path], tmp_path / "out")
+    assert meta["counts"]["malformed"] == 1 and meta["splits"]["train"]["examples"] + meta["splits"]["val"]["examples"] == 2
+    assert f"skipped: nanozh: {path}:2: malformed JSON" in out.err
+
+
+def test_missing_field_and_empty_corpus_are_errors_and_leave_nothing(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"body": "没有text字段的文档"}])
+    assert_one_line_error(run_cli("pretrain", [path], tmp_path / "out", "--strict"), f"nanozh: {path}:1: no text field")
+    short = write_jsonl(tmp_path / "b.jsonl", [{"text": "短"}, {"text": "也短"}])
+    assert_one_line_error(run_cli("pretrain", [short], tmp_path / "out"), f"nanozh: {short}: no pretrain examples survived")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
+
+
+def test_failed_rerun_leaves_existing_output_untouched(tmp_path, capsys):
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": "第一篇文档，足够长了吧。"}, {"text": "第二篇文档，也足够长了。"}])
+    run_prepare(capsys, "pretrain", [good], tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"text": "短"}])
+    assert_one_line_error(run_cli("pretrain", [bad], tmp_path / "out"), f"nanozh: {bad}: no pretrain examples survived")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_refuses_to_replace_a_directory_that_is_not_shards(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    good = write_jsonl(tmp_path / "a.jsonl", [{"text": "第一篇文档，足够长了吧。"}])
+    assert_one_line_error(run_cli("pretrain", [good], tmp_path), f"nanozh: {tmp_path}: exists and is not a shard directory")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
