@@ -4,16 +4,48 @@
     python eval.py --model out/sft/latest --chat_prompts prompts.jsonl --out answers.jsonl
     python eval.py --model out/sft/latest --mc questions.jsonl
 
-nll_of_tokens() below is also what training uses for its validation loss, so the two numbers are
-computed the same way.
+Each mode prints one JSON object on stdout (progress bars go to stderr).
+
+--text FILE (txt / jsonl `text` / parquet `text`): every document is scored from its first token,
+after an eos as in pretraining (where each document follows a </s>), in windows of the model's
+context (see nll_of_tokens). Bits per character = total NLL / ln 2 / characters: the characters
+do not depend on the tokenizer, so models with different tokenizers compare fairly.
+
+--chat_prompts FILE.jsonl --out ANSWERS.jsonl: answers every "prompt" with the chat template, greedy
+unless --temperature > 0, prompts of equal token length batched together; each output line is
+the input record plus "answer", "tokens" and "finish" ("stop" or "length").
+
+--mc FILE.jsonl (fields "question", "choices" as a list or a {"A": ...} object, "answer" as a
+letter): the model picks the choice with the highest log-likelihood as the assistant's answer to
+the question (chat template; --raw scores it as plain text after the question). The likelihood is
+divided by the choice's length in characters ("accuracy"): a summed log-likelihood prefers short
+choices merely for having fewer tokens, and characters, unlike tokens, are the same for every
+tokenizer. The unnormalised accuracy is printed too.
+
+nll_of_tokens() is also what training uses for its validation loss, so the numbers agree.
 """
 
+import argparse
+import contextlib
+import json
+import math
+import os
+import string
+import sys
+import tempfile
+import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from data.sources import iter_pretrain
+from errors import NanozhError, exit_on_user_error, user_error
+from sample import check_fits, load, pick_device, pick_dtype, prompt_ids, read_prompts
 
 # -----------------------------------------------------------------------------
-# scoring: total negative log-likelihood of tokens, in windows of the model's context
+# scoring: negative log-likelihood of tokens, in windows of the model's context
 
 
 def _windows(n: int, context: int, stride: int) -> list[tuple[int, int]]:
@@ -38,29 +70,12 @@ def _window_rows(tokens: torch.Tensor, context: int, stride: int) -> Iterator[tu
     """(inputs, targets) per window of a 1-D token tensor, targets -1 where not scored."""
     if not 1 <= stride <= context:
         raise ValueError(f"stride must be in 1..context, got stride={stride} context={context}")
+    L = min(context, len(tokens) - 1)
     for start, first in _windows(len(tokens), context, stride):
-        L = min(context, len(tokens) - 1)
         x = tokens[start : start + L]
         y = tokens[start + 1 : start + L + 1].clone()
         y[: first - start - 1] = -1
         yield x, y
-
-
-@torch.no_grad()
-def _nll_of_rows(model, rows: Iterable[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> tuple[float, int]:
-    """Sum of -log p(target) over (inputs, targets) rows, batched with right padding (causal
-    attention never lets a real position see the padding after it). Targets -1 are ignored."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    try:
-        for batch in _batched(rows, batch_size):
-            batch_nll, batch_count = _nll_of_batch(model, batch, device)
-            nll, count = nll + batch_nll, count + batch_count
-    finally:
-        model.train(was_training)
-    return nll, count
 
 
 def _batched(items: Iterable, n: int) -> Iterator[list]:
@@ -74,7 +89,10 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def _nll_of_batch(model, batch: list[tuple[torch.Tensor, torch.Tensor]], device) -> tuple[float, int]:
+def _nll_per_row(model, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and scored-token count of each (inputs, targets) row, rows right-padded to one
+    length (causal attention never lets a real position see the padding after it)."""
+    device = next(model.parameters()).device
     T = max(len(x) for x, _ in batch)
     x = torch.zeros(len(batch), T, dtype=torch.long)
     y = torch.full((len(batch), T), -1, dtype=torch.long)
@@ -82,8 +100,18 @@ def _nll_of_batch(model, batch: list[tuple[torch.Tensor, torch.Tensor]], device)
         x[i, : len(xi)], y[i, : len(yi)] = xi, yi
     x, y = x.to(device), y.to(device)
     _, nll = model(x, y, reduction="none")  # (B, T) fp32, 0 where y == -1
-    # summed in fp32 per batch, accumulated in Python floats (fp64) across batches
-    return nll.sum().item(), int((y != -1).sum())
+    return nll.sum(dim=1).double().cpu(), (y != -1).sum(dim=1).cpu()
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def nll_of_tokens(model, tokens: torch.Tensor, context: int, stride: int, batch_size: int = 8) -> tuple[float, int]:
@@ -102,3 +130,217 @@ def nll_of_tokens(model, tokens: torch.Tensor, context: int, stride: int, batch_
     if len(tokens) < 2:
         return 0.0, 0
     return _nll_of_rows(model, _window_rows(tokens, context, stride), batch_size)
+
+
+def _nll_of_rows(model, rows: Iterable[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> tuple[float, int]:
+    nll, count = 0.0, 0
+    with _eval_mode(model):
+        for batch in _batched(rows, batch_size):
+            row_nll, row_count = _nll_per_row(model, batch)
+            nll, count = nll + row_nll.sum().item(), count + int(row_count.sum())
+    return nll, count
+
+
+# -----------------------------------------------------------------------------
+# --text: bits per character
+
+
+def bpc_of_text(model, tok, paths: list[str], stride: int | None = None, batch_size: int = 8) -> dict:
+    """NLL, token and character counts and bits per character over every document in `paths`,
+    each scored as [eos] + its tokens (the eos is context only) with windows of the model's context
+    starting every `stride` tokens (default half the context)."""
+    context = model.config.block_size
+    stride = stride or max(1, context // 2)
+    counts = {"docs": 0, "chars": 0, "tokens": 0}
+
+    def rows() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _, text in tqdm(iter_pretrain(paths), desc="scoring", unit="doc", file=sys.stderr):
+            ids = torch.tensor([tok.eos_id] + tok.encode(text))
+            counts["docs"] += 1
+            counts["chars"] += len(text)
+            counts["tokens"] += len(ids) - 1
+            yield from _window_rows(ids, context, stride)
+
+    t0 = time.perf_counter()
+    nll, scored = _nll_of_rows(model, rows(), batch_size)
+    if counts["chars"] == 0:
+        raise user_error(paths[0], "no text to score", "pass a file with non-empty documents")
+    return {"bpc": nll / math.log(2) / counts["chars"], "nll": nll, "chars": counts["chars"], "tokens": scored,
+            "docs": counts["docs"], "nll_per_token": nll / max(scored, 1), "chars_per_token": counts["chars"] / max(scored, 1),
+            "context": context, "stride": stride, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# -----------------------------------------------------------------------------
+# --chat_prompts: answers for a file of prompts
+
+
+def answer_prompts(model, tok, records: list[tuple[str, dict]], max_new_tokens: int = 256, temperature: float = 0.0,
+                   batch_size: int = 8, raw: bool = False, seed: int = 1337) -> list[dict]:
+    """Each (where, record) answered: the record plus "answer", "tokens" and "finish", in input
+    order. Prompts of equal token length run as one batch (no padding to get wrong); a batch runs
+    until every row has stopped, rows that stopped early just wait."""
+    device = next(model.parameters()).device
+    stop_ids = [tok.im_end_id, tok.eos_id]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompts = []
+    for where, r in records:
+        prompts.append(prompt_ids(tok, r["prompt"] if raw else [{"role": "user", "content": r["prompt"]}], raw))
+        check_fits(prompts[-1], model, where)
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    groups = [g[j : j + batch_size] for g in by_length.values() for j in range(0, len(g), batch_size)]
+    out: list[dict] = [{} for _ in records]
+    with _eval_mode(model), tqdm(total=len(records), desc="answering", unit="prompt", file=sys.stderr) as bar:
+        for group in groups:
+            idx = torch.tensor([prompts[i] for i in group], device=device)
+            new = list(model.generate_stream(idx, max_new_tokens, temperature=temperature, stop_ids=stop_ids,
+                                             generator=generator))
+            rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in group]
+            for i, row in zip(group, rows):
+                stop = next((k for k, t in enumerate(row) if t in stop_ids), None)
+                answer = row if stop is None else row[:stop]
+                out[i] = {**records[i][1], "answer": tok.decode(answer), "tokens": len(answer),
+                          "finish": "length" if stop is None else "stop"}
+            bar.update(len(group))
+    return out
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    """All lines or nothing: a temp file beside the target, renamed over it when complete."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# --mc: multiple choice by log-likelihood
+
+
+def read_mc(path: str) -> list[tuple[int, str, list[str], int]]:
+    """(line, question, choices, index of the answer) per JSONL line; any problem is a file:line error."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise user_error(path, f"cannot read ({e})", "pass a UTF-8 JSONL file") from None
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise user_error(path, f"malformed JSON ({e.msg})", "one JSON object per line", line=n) from None
+        if not isinstance(rec, dict) or not {"question", "choices", "answer"} <= rec.keys():
+            have = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise user_error(path, f"needs fields question, choices, answer (has: {have})", line=n)
+        choices = rec["choices"]
+        if isinstance(choices, dict):  # {"A": ..., "B": ...}
+            choices = [choices[k] for k in sorted(choices)]
+        letters = string.ascii_uppercase[: len(choices)] if isinstance(choices, list) else ""
+        if not isinstance(rec["question"], str) or len(letters) < 2 or \
+                not all(isinstance(c, str) and c for c in choices):
+            raise user_error(path, "question must be a string and choices at least two non-empty strings", line=n)
+        answer = rec["answer"]
+        if not isinstance(answer, str) or answer.strip().upper() not in letters:
+            raise user_error(path, f"answer {answer!r} is not one of the letters {letters}", line=n)
+        items.append((n, rec["question"], choices, letters.index(answer.strip().upper())))
+    if not items:
+        raise user_error(path, "no questions in file", "one JSON object per line")
+    return items
+
+
+def mc_accuracy(model, tok, items: list[tuple[int, str, list[str], int]], raw: bool = False,
+                batch_size: int = 8) -> dict:
+    """Accuracy when the model picks the choice it finds most likely after the question, per
+    character ("accuracy") and summed ("accuracy_unnormalised"). A context longer than the model's
+    is cut from the left (the start of the question goes first; the choice is always kept)."""
+    ctx = model.config.block_size
+    rows, meta = [], []
+    for _, question, choices, answer in items:
+        head = [tok.eos_id] + tok.encode(question) if raw else \
+            tok.render_chat([{"role": "user", "content": question}], add_generation_prompt=True)[0]
+        for c, choice in enumerate(choices):
+            tail = tok.encode(choice)
+            ids = torch.tensor((head + tail)[-(ctx + 1):])
+            y = ids[1:].clone()
+            y[: len(y) - len(tail)] = -1
+            rows.append((ids[:-1], y))
+            meta.append(len(choice))
+    scores = []
+    with _eval_mode(model):
+        for batch in tqdm(list(_batched(rows, batch_size)), desc="choices", unit="batch", file=sys.stderr):
+            scores += _nll_per_row(model, batch)[0].tolist()
+    right_norm = right_sum = 0
+    k = 0
+    for _, _, choices, answer in items:
+        nll = scores[k : k + len(choices)]
+        chars = meta[k : k + len(choices)]
+        k += len(choices)
+        right_norm += min(range(len(choices)), key=lambda c: nll[c] / chars[c]) == answer
+        right_sum += min(range(len(choices)), key=lambda c: nll[c]) == answer
+    return {"accuracy": right_norm / len(items), "accuracy_unnormalised": right_sum / len(items),
+            "questions": len(items), "template": "raw" if raw else "chat"}
+
+
+# -----------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="model directory (e.g. OUT_DIR/latest)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--text", nargs="+", help="txt / jsonl / parquet files or directories of documents")
+    mode.add_argument("--chat_prompts", help="JSONL with a \"prompt\" field per line (needs --out)")
+    mode.add_argument("--mc", help="JSONL with question, choices, answer (a letter)")
+    p.add_argument("--out", help="where --chat_prompts writes its answers (JSONL)")
+    p.add_argument("--stride", type=int, default=0, help="--text window stride in tokens (default: half the context)")
+    p.add_argument("--raw", action="store_true", help="--chat_prompts / --mc without the chat template")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype; auto = bfloat16 autocast on CUDA, float32 elsewhere")
+    args = p.parse_args()
+    if args.chat_prompts and not args.out:
+        p.error("--chat_prompts needs --out ANSWERS.jsonl")
+    try:
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        # fp32 weights under autocast, as training computes its validation loss
+        model, tok = load(args.model, device)
+        if not 1 <= (args.stride or 1) <= model.config.block_size:
+            raise user_error("--stride", f"{args.stride} is outside 1..{model.config.block_size}", "0 = half the context")
+        amp = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with amp:
+            if args.text:
+                result = bpc_of_text(model, tok, args.text, args.stride or None, args.batch_size)
+            elif args.chat_prompts:
+                records = [(f"{args.chat_prompts}:{n}", rec) for n, rec in read_prompts(args.chat_prompts)]
+                t0 = time.perf_counter()
+                answers = answer_prompts(model, tok, records, args.max_new_tokens, args.temperature,
+                                         args.batch_size, args.raw, args.seed)
+                seconds = time.perf_counter() - t0
+                _write_jsonl(args.out, answers)
+                tokens = sum(a["tokens"] for a in answers)
+                result = {"prompts": len(answers), "tokens": tokens, "seconds": round(seconds, 2),
+                          "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "out": args.out}
+            else:
+                result = mc_accuracy(model, tok, read_mc(args.mc), args.raw, args.batch_size)
+    except NanozhError as e:
+        exit_on_user_error(e)
+    print(json.dumps(result, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
