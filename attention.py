@@ -258,9 +258,10 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, dO, LSE, Delta, stride_qt, stride_dot, lo, 
         do = tl.load(dO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=rows[:, None], other=0.0)
         lse = tl.load(LSE + offs_m, mask=rows, other=0.0)
         delta = tl.load(Delta + offs_m, mask=rows, other=0.0)
-        pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])  # P^T
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # S^T
         if MASKED:  # causal diagonal: query i sees key j iff j <= i + Tk - Tq
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (Tk - Tq), pT, 0.0)
+            sT = tl.where(offs_n[:, None] <= offs_m[None, :] + (Tk - Tq), sT, float("-inf"))
+        pT = tl.exp2(sT - lse[None, :])  # P^T
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # dP^T
         dsT = pT * (dpT - delta[None, :])  # dS^T
@@ -337,12 +338,13 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, lo, hi, off
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])  # P
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # S
         if MASKED:
             visible = offs_n[None, :] < Tk
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
-            p = tl.where(visible, p, 0.0)
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])  # P
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dP
         ds = p * (dp - delta[:, None])  # dS
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
