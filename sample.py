@@ -114,7 +114,7 @@ def stream_reply(model: Transformer, tok: Tokenizer, ids: list[int], args: argpa
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     decoder, text, n = StreamDecoder(tok), [], 0
     stop_ids = [tok.im_end_id, tok.eos_id]
-    for nxt in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    for nxt in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                                      top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                      stop_ids=stop_ids, generator=generator):
         token = int(nxt[0])
@@ -219,8 +219,8 @@ def main() -> None:
     p.add_argument("--raw", action="store_true", help="continue the text as is, no chat template (base models)")
     p.add_argument("--system", default="", help="system message for the chat template")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--top_k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling; 1.0 = off")
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (1.1-1.3 helps small models)")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=1337, help="same seed and arguments -> same text")
