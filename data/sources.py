@@ -93,7 +93,7 @@ def _jsonl_records(path: str, on_error: OnError) -> Iterator[tuple[int, object]]
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
-                _fail(user_error(path, f"malformed JSON ({e.msg} at column {e.colno})",
+                _fail(user_error(path, f"malformed JSON ({e.msg} at column {e.pos + 1})",
                                  "fix or remove the line", line=n), on_error)
 
 

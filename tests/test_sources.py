@@ -1,0 +1,233 @@
+"""data/sources.py: every input format and field convention, and one-line errors naming file:line."""
+
+import builtins
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data import sources
+from data.sources import iter_dpo, iter_pretrain, iter_sft
+from errors import NanozhError
+
+U = {"role": "user", "content": "你好"}
+A = {"role": "assistant", "content": "你好！有什么可以帮你？"}
+
+
+def write_jsonl(path, rows, gz=False):
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def error_of(it) -> str:
+    with pytest.raises(NanozhError) as e:
+        list(it)
+    return str(e.value)
+
+
+# ----------------------------------------------------------------------------- formats
+
+def test_txt_documents_are_separated_by_blank_lines(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("第一段\n第二行\n\n\n第二篇\n  \n第三篇\n", encoding="utf-8")
+    assert list(iter_pretrain([str(p)])) == [
+        (f"{p}:1", "第一段\n第二行"), (f"{p}:5", "第二篇"), (f"{p}:7", "第三篇")]
+
+
+def test_gzipped_txt_and_jsonl_read_like_plain_ones(tmp_path):
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("甲\n\n乙")
+    write_jsonl(tmp_path / "b.jsonl.gz", [{"text": "丙"}], gz=True)
+    texts = [t for _, t in iter_pretrain([str(tmp_path / "a.txt.gz"), str(tmp_path / "b.jsonl.gz")])]
+    assert texts == ["甲", "乙", "丙"]
+
+
+def test_jsonl_pretrain_reads_text_then_content_and_skips_blank_lines(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "一", "id": 1}\n\n{"content": "二"}\n"三"\n', encoding="utf-8")
+    assert list(iter_pretrain([str(p)])) == [(f"{p}:1", "一"), (f"{p}:3", "二"), (f"{p}:4", "三")]
+
+
+def test_json_array_is_streamed_element_by_element(tmp_path):
+    rows = [{"text": f"第{i}篇" * (i + 1)} for i in range(50)]
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    got = list(iter_pretrain([str(p)]))
+    assert [t for _, t in got] == [r["text"] for r in rows]
+    assert got[1][0] == f"{p}:5"  # indent=1 puts element i on line 2 + 3 * i
+
+
+def test_json_decoding_does_not_depend_on_chunk_boundaries(tmp_path):
+    rows = [{"text": "文" * i, "n": 1.5 * i} for i in range(30)] + [17, "x"]
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    for chunk in (1, 2, 3, 7, 100):
+        assert [r for _, r in sources._json_records(str(p), chunk)] == rows
+
+
+def test_parquet_rows_are_read_in_batches(tmp_path):
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": [f"文档{i}" for i in range(2500)], "source": ["s"] * 2500}), p,
+                   compression="zstd", row_group_size=1000)
+    got = list(iter_pretrain([str(p)]))
+    assert len(got) == 2500 and got[2499] == (f"{p}:2500", "文档2499")
+
+
+def test_directory_expands_to_its_supported_files_sorted(tmp_path):
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "乙"}])
+    (tmp_path / "a.txt").write_text("甲", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    assert [t for _, t in iter_pretrain([str(tmp_path)])] == ["甲", "乙"]
+
+
+def test_files_are_streamed_not_read_whole(tmp_path, monkeypatch):
+    p = tmp_path / "big.jsonl"
+    write_jsonl(p, [{"text": "字" * 100}] * 2000)
+    real_open = builtins.open
+
+    class NoWholeRead:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, size=-1):
+            assert size is not None and size >= 0, "a reader called read() on the whole file"
+            return self.f.read(size)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __iter__(self):
+            return iter(self.f)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: NoWholeRead(real_open(*a, **k)))
+    assert sum(1 for _ in iter_pretrain([str(p)])) == 2000
+    q = tmp_path / "big.json"
+    real_open(q, "w", encoding="utf-8").write(json.dumps([{"text": "字" * 100}] * 2000))
+    assert sum(1 for _ in iter_pretrain([str(q)])) == 2000
+
+
+# ----------------------------------------------------------------------------- SFT conventions
+
+def test_sft_messages_and_sharegpt_conversations(tmp_path):
+    p = write_jsonl(tmp_path / "a.jsonl", [
+        {"messages": [U, A], "source": "x"},
+        {"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}], "system": "你是助手"},
+        {"messages": [{"role": "system", "content": "简短回答"}, U, A, {"role": "user", "content": "再说"}, A]},
+    ])
+    got = [m for _, m in iter_sft([p])]
+    assert got[0] == [U, A]
+    assert got[1] == [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "问"},
+                      {"role": "assistant", "content": "答"}]
+    assert [m["role"] for m in got[2]] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_sft_prompt_response_and_instruction_input_output(tmp_path):
+    p = write_jsonl(tmp_path / "a.jsonl", [
+        {"prompt": "一加一？", "response": "二。"},
+        {"instruction": "翻译", "input": "hello", "output": "你好"},
+        {"instruction": "讲个笑话", "input": "", "output": "好的……"},
+    ])
+    got = [m for _, m in iter_sft([p])]
+    assert got[0] == [{"role": "user", "content": "一加一？"}, {"role": "assistant", "content": "二。"}]
+    assert got[1][0] == {"role": "user", "content": "翻译\nhello"}
+    assert got[2][0] == {"role": "user", "content": "讲个笑话"}
+
+
+def test_sft_parquet_with_message_lists(tmp_path):
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"messages": [[U, A]], "source": ["s"]}), p)
+    assert list(iter_sft([str(p)])) == [(f"{p}:1", [U, A])]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [U, {"role": "bot", "content": "答"}]}, "unknown role 'bot' in turn 2"),
+    ({"messages": [U]}, "conversation has no assistant turn"),
+    ({"messages": [U, A, U]}, "conversation ends with a user turn"),
+    ({"messages": [U, {"role": "assistant", "content": "  "}]}, "empty content in turn 2"),
+    ({"question": "?", "answer": "!"}, "no conversation fields (fields: question, answer)"),
+])
+def test_bad_sft_records_name_file_and_line(tmp_path, row, message):
+    p = write_jsonl(tmp_path / "a.jsonl", [{"messages": [U, A]}, row])
+    err = error_of(iter_sft([p]))
+    assert err.startswith(f"nanozh: {p}:2: {message} (") and "\n" not in err
+
+
+def test_malformed_jsonl_line_is_one_line_error(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "好"}\n{"text": "坏"\n', encoding="utf-8")
+    assert error_of(iter_pretrain([str(p)])) == (
+        f"nanozh: {p}:2: malformed JSON (Expecting ',' delimiter at column 14) (fix or remove the line)")
+
+
+def test_on_error_reports_and_skips_bad_records(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"messages": [{"role": "user", "content": "a"}]}\nnot json\n'
+                 + json.dumps({"messages": [U, A]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    errors = []
+    assert list(iter_sft([str(p)], on_error=errors.append)) == [(f"{p}:3", [U, A])]
+    assert [str(e).split(": ")[1] for e in errors] == [f"{p}:1", f"{p}:2"]
+
+
+def test_pretrain_row_without_text_names_its_fields(tmp_path):
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"body": ["正文"], "title": ["标题"]}), p)
+    assert error_of(iter_pretrain([str(p)])) == (
+        f"nanozh: {p}:1: no text field (fields: body, title) (pretraining reads 'text' or 'content')")
+
+
+def test_missing_path_and_unsupported_file_are_errors(tmp_path):
+    assert error_of(iter_pretrain([str(tmp_path / "nope.jsonl")])).startswith(f"nanozh: {tmp_path}/nope.jsonl: no such file")
+    (tmp_path / "a.csv").write_text("x", encoding="utf-8")
+    assert "unsupported file type" in error_of(iter_pretrain([str(tmp_path / "a.csv")]))
+    (tmp_path / "c.txt").write_text("一段话", encoding="utf-8")
+    assert "plain text holds no conversations" in error_of(iter_sft([str(tmp_path / "c.txt")]))
+
+
+def test_non_utf8_and_truncated_json_array_are_errors(tmp_path):
+    (tmp_path / "a.txt").write_bytes("中文".encode("gbk"))
+    assert "not valid UTF-8" in error_of(iter_pretrain([str(tmp_path / "a.txt")]))
+    (tmp_path / "b.json").write_text('[{"text": "一"},\n{"text": "二"}', encoding="utf-8")
+    assert error_of(iter_pretrain([str(tmp_path / "b.json")])) == (
+        f"nanozh: {tmp_path}/b.json:2: JSON array is not closed (the file may be truncated)")
+
+
+# ----------------------------------------------------------------------------- DPO conventions
+
+def test_dpo_prompt_as_string_or_messages_and_answers_as_strings_or_turns(tmp_path):
+    p = write_jsonl(tmp_path / "a.jsonl", [
+        {"prompt": "一加一？", "chosen": "二。", "rejected": "三。"},
+        {"prompt": [U, A, {"role": "user", "content": "再见"}], "chosen": "再见！", "rejected": "不"},
+        {"prompt": [U], "chosen": [U, {"role": "assistant", "content": "好"}],
+         "rejected": {"from": "gpt", "value": "坏"}},
+        {"instruction": "翻译", "input": "cat", "chosen": "猫", "rejected": "狗"},
+    ])
+    got = [t for _, t in iter_dpo([p])]
+    assert got[0] == {"prompt": [{"role": "user", "content": "一加一？"}], "chosen": "二。", "rejected": "三。"}
+    assert len(got[1]["prompt"]) == 3 and got[1]["chosen"] == "再见！"
+    assert (got[2]["chosen"], got[2]["rejected"]) == ("好", "坏")
+    assert got[3]["prompt"] == [{"role": "user", "content": "翻译\ncat"}]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "问", "chosen": "好"}, "missing field 'rejected' (fields: prompt, chosen)"),
+    ({"chosen": "好", "rejected": "坏"}, "missing field 'prompt' (fields: chosen, rejected)"),
+    ({"prompt": [U, A], "chosen": "好", "rejected": "坏"}, "prompt does not end with a user turn"),
+    ({"prompt": "问", "chosen": "", "rejected": "坏"}, "field 'chosen' is empty or not a string"),
+    ({"prompt": "问", "chosen": [U], "rejected": "坏"}, "the last turn of 'chosen' is not the assistant's"),
+])
+def test_bad_dpo_records_name_file_and_line(tmp_path, row, message):
+    p = write_jsonl(tmp_path / "a.jsonl", [row])
+    assert error_of(iter_dpo([p])).startswith(f"nanozh: {p}:1: {message} (")
