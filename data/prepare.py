@@ -23,6 +23,7 @@ a failed run leaves no output, and an existing --out is replaced only by a compl
 """
 
 import argparse
+import array
 import hashlib
 import os
 import shutil
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import numpy as np
 from tqdm import tqdm
 
-from data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, minhash_signature
+from data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, minhash_signatures
 from data.shards import SplitWriter, write_meta
 from data.sources import iter_dpo, iter_pretrain, iter_sft
 from errors import NanozhError, exit_on_user_error, user_error
@@ -51,22 +52,45 @@ MAX_SHOWN_ERRORS = 10
 
 
 @dataclass
-class Record:
-    """What a worker learned about one input record; the main process decides whether it is kept."""
-    where: str
-    n_bytes: int                    # UTF-8 size of the raw text, for MB/s
-    rules: list[str] = field(default_factory=list)  # cleaning rules that changed it
-    drop: str | None = None         # why it is dropped before dedup (a Counter key), if it is
-    error: str | None = None        # a malformed record's one-line message
-    text: str = ""                  # the cleaned text dedup compares
-    signature: np.ndarray | None = None
-    val: bool = False
-    arrays: tuple = ()              # what SplitWriter.add takes
-    truncated: bool = False
+class Chunk:
+    """What a worker learned about a chunk of records, in input order. Every record gets its rules,
+    drop and error; those that survive cleaning (`keep`) also get a dedup text, a signature row, a
+    split and their token arrays. The main process then dedups the survivors in one batch."""
+    n_bytes: int = 0                                     # UTF-8 size of the raw text, for MB/s
+    rules: list[list[str]] = field(default_factory=list)  # cleaning rules that changed each record
+    drop: list[str | None] = field(default_factory=list)  # why a record is dropped before dedup
+    errors: list[str | None] = field(default_factory=list)  # a malformed record's one-line message
+    texts: list[str] = field(default_factory=list)       # per survivor: the text dedup compares
+    truncated: list[bool] = field(default_factory=list)
+    items: list[tuple] = field(default_factory=list)     # per survivor: what SplitWriter.add takes
+    tokens: np.ndarray | None = None                     # pretrain: all survivors' tokens back to back,
+    offsets: np.ndarray | None = None                    # survivor j is tokens[offsets[j]:offsets[j+1]]
+    signatures: np.ndarray | None = None
+    val: list[bool] = field(default_factory=list)
+
+    def record(self, n_bytes: int, rules: list[str], drop: str | None = None, error: str | None = None) -> None:
+        self.n_bytes += n_bytes
+        self.rules.append([r for r in rules if r != "min_chars"])
+        self.drop.append(drop)
+        self.errors.append(error)
+
+    def keep(self, text: str, item: tuple = (), truncated: bool = False) -> None:
+        self.texts.append(text)
+        self.items.append(item)
+        self.truncated.append(truncated)
+
+    def write(self, writer: SplitWriter, survivors: list[int]) -> None:
+        """Append these survivors to a split."""
+        if self.tokens is None:
+            for j in survivors:
+                writer.add(*self.items[j])
+        elif survivors:  # pretraining documents are only tokens back to back: one write for all
+            docs = [self.tokens[self.offsets[j]:self.offsets[j + 1]] for j in survivors]
+            writer.add(np.concatenate(docs), examples=len(docs))
 
 
 # ----------------------------------------------------------------------------- worker side
-# Each worker process loads the tokenizer once (_init) and then turns chunks of records into Records.
+# Each worker process loads the tokenizer once (_init), then turns chunks of records into Chunks.
 
 _W: dict = {}
 
@@ -83,36 +107,30 @@ def _in_val(text: str) -> bool:
     return h / 2**64 < _W["val_fraction"]
 
 
-def _clean(rec: Record, text: str) -> str:
-    """The cleaned text of one document or chat turn ("" when dropped), noting the rules that changed it."""
-    cleaned, rules = clean_text(text, _W["turn_cfg"])
-    rec.rules += [r for r in rules if r not in rec.rules and r != "min_chars"]
+def _clean(text: str, rules: list[str]) -> str:
+    """The cleaned text of one document or chat turn ("" when dropped); adds the rules that changed it."""
+    cleaned, changed = clean_text(text, _W["turn_cfg"])
+    rules += [r for r in changed if r not in rules]
     return cleaned
 
 
-def _finish(rec: Record, text: str) -> None:
-    """Dedup key, signature and split for a record that survived cleaning."""
-    cfg = _W["cfg"]
-    rec.text = text
-    rec.signature = minhash_signature(text, cfg) if cfg.near_dedup else None
-    rec.val = _in_val(text)
-
-
-def _pretrain(chunk: list) -> list[Record]:
+def _pretrain(records: list) -> Chunk:
+    chunk = Chunk()
+    for where, text in records:
+        rules = []
+        cleaned = _clean(text, rules)
+        chunk.record(len(text.encode()), rules, None if cleaned else "min_chars")
+        if cleaned:
+            chunk.keep(cleaned)
     tok = _W["tok"]
-    out = []
-    for where, text in chunk:
-        rec = Record(where, len(text.encode()))
-        cleaned = _clean(rec, text)
-        if not cleaned:
-            rec.drop = "min_chars"
-        else:
-            _finish(rec, cleaned)
-        out.append(rec)
-    kept = [r for r in out if r.drop is None]
-    for rec, ids in zip(kept, tok.encode_batch([r.text for r in kept], num_threads=1)):
-        rec.arrays = (ids + [tok.eos_id],)
-    return out
+    ids = tok.encode_batch(chunk.texts, num_threads=1)
+    tokens = array.array("I")  # the fastest way from Python ints to a numpy array
+    for doc in ids:
+        tokens.extend(doc)
+        tokens.append(tok.eos_id)
+    chunk.tokens = np.frombuffer(tokens, dtype=np.uint32)
+    chunk.offsets = np.cumsum([0] + [len(doc) + 1 for doc in ids])
+    return chunk
 
 
 def _fit_turns(messages: list[dict]) -> tuple[list[int], list[int], bool] | None:
@@ -128,21 +146,20 @@ def _fit_turns(messages: list[dict]) -> tuple[list[int], list[int], bool] | None
     return (ids[:fits[-1]], mask[:fits[-1]], True) if fits else None
 
 
-def _sft(chunk: list) -> list[Record]:
-    out = []
-    for where, messages in chunk:
-        rec = Record(where, sum(len(m["content"].encode()) for m in messages))
-        messages = [{"role": m["role"], "content": _clean(rec, m["content"])} for m in messages]
+def _sft(records: list) -> Chunk:
+    chunk = Chunk()
+    for where, messages in records:
+        rules, n_bytes = [], sum(len(m["content"].encode()) for m in messages)
+        messages = [{"role": m["role"], "content": _clean(m["content"], rules)} for m in messages]
         if not all(m["content"] for m in messages):
-            rec.drop = "empty"
-        elif (fit := _render(rec, _fit_turns, messages)) is None:
-            rec.drop = rec.drop or "too_long"
+            chunk.record(n_bytes, rules, "empty")
+        elif (fit := _render(where, _fit_turns, messages)) is None or isinstance(fit, str):
+            chunk.record(n_bytes, rules, "malformed" if fit else "too_long", error=fit)
         else:
-            ids, mask, rec.truncated = fit
-            rec.arrays = (ids, mask)
-            _finish(rec, "\n".join(f"{m['role']}: {m['content']}" for m in messages))
-        out.append(rec)
-    return out
+            ids, mask, truncated = fit
+            chunk.record(n_bytes, rules)
+            chunk.keep("\n".join(f"{m['role']}: {m['content']}" for m in messages), (ids, mask), truncated)
+    return chunk
 
 
 def _answer_ids(prompt: list[dict], prompt_ids: list[int], answer: str) -> list[int]:
@@ -159,42 +176,45 @@ def _dpo_arrays(prompt: list[dict], chosen: str, rejected: str) -> tuple | None:
     return (prompt_ids, c, r) if len(prompt_ids) + max(len(c), len(r)) <= _W["max_len"] else None
 
 
-def _dpo(chunk: list) -> list[Record]:
-    out = []
-    for where, ex in chunk:
-        texts = [m["content"] for m in ex["prompt"]] + [ex["chosen"], ex["rejected"]]
-        rec = Record(where, sum(len(t.encode()) for t in texts))
-        prompt = [{"role": m["role"], "content": _clean(rec, m["content"])} for m in ex["prompt"]]
-        chosen, rejected = _clean(rec, ex["chosen"]), _clean(rec, ex["rejected"])
+def _dpo(records: list) -> Chunk:
+    chunk = Chunk()
+    for where, ex in records:
+        rules = []
+        n_bytes = sum(len(m["content"].encode()) for m in ex["prompt"]) + len(ex["chosen"].encode()) + len(ex["rejected"].encode())
+        prompt = [{"role": m["role"], "content": _clean(m["content"], rules)} for m in ex["prompt"]]
+        chosen, rejected = _clean(ex["chosen"], rules), _clean(ex["rejected"], rules)
         if not all(m["content"] for m in prompt) or not chosen or not rejected:
-            rec.drop = "empty"
+            chunk.record(n_bytes, rules, "empty")
         elif chosen == rejected:
-            rec.drop = "identical_answers"
-        elif (arrays := _render(rec, _dpo_arrays, prompt, chosen, rejected)) is None:
-            rec.drop = rec.drop or "too_long"
+            chunk.record(n_bytes, rules, "identical_answers")
+        elif (arrays := _render(where, _dpo_arrays, prompt, chosen, rejected)) is None or isinstance(arrays, str):
+            chunk.record(n_bytes, rules, "malformed" if arrays else "too_long", error=arrays)
         else:
-            rec.arrays = arrays
+            chunk.record(n_bytes, rules)
             prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-            _finish(rec, f"{prompt_text}\nchosen: {chosen}\nrejected: {rejected}")
-        out.append(rec)
-    return out
+            chunk.keep(f"{prompt_text}\nchosen: {chosen}\nrejected: {rejected}", arrays)
+    return chunk
 
 
-def _render(rec: Record, fn, *args):
-    """fn(*args), turning a chat-template error (say, a system turn after the first) into a
-    malformed-record error at the record's file:line."""
+def _render(where: str, fn, *args):
+    """fn(*args), or the one-line error at the record's file:line when the chat template refuses
+    the conversation (say, a system turn after the first)."""
     try:
         return fn(*args)
     except NanozhError as e:
-        rec.drop, rec.error = "malformed", f"nanozh: {rec.where}: {str(e).removeprefix('nanozh: ')}"
-        return None
+        return f"nanozh: {where}: {str(e).removeprefix('nanozh: ')}"
 
 
 WORK = {"pretrain": _pretrain, "sft": _sft, "dpo": _dpo}
 
 
-def _work(chunk: list) -> list[Record]:
-    return WORK[_W["kind"]](chunk)
+def _work(records: list) -> Chunk:
+    chunk = WORK[_W["kind"]](records)
+    cfg = _W["cfg"]
+    if cfg.near_dedup and chunk.texts:
+        chunk.signatures = minhash_signatures(chunk.texts, cfg)  # one numpy pass for the whole chunk
+    chunk.val = [_in_val(t) for t in chunk.texts]
+    return chunk
 
 
 # ----------------------------------------------------------------------------- main process
@@ -301,7 +321,7 @@ def prepare(args: argparse.Namespace) -> dict:
 
 def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path, t0: float) -> dict:
     cfg = clean_config(args)
-    stats, dedup, counts, errors = CleanStats(), Deduplicator(cfg), Counter(), []
+    stats, dedup, counts = CleanStats(), Deduplicator(cfg), Counter()
 
     def on_error(err: NanozhError) -> None:
         if args.strict:
@@ -316,29 +336,36 @@ def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path, t0: float
     n_bytes = 0
     # on an exception the half-written shards go with the temporary directory prepare() removes
     with tqdm(desc=f"prepare {args.kind}", unit=" docs", smoothing=0.1) as bar:
-        for results in ordered_results(_work, chunks(records), args.workers, init_args):
-            for rec in results:
-                n_bytes += rec.n_bytes
-                if rec.error:
-                    on_error(NanozhError(rec.error))
+        for chunk in ordered_results(_work, chunks(records), args.workers, init_args):
+            verdicts = dedup.check_many(chunk.texts, chunk.signatures) if chunk.texts else []
+            kept = {"train": [], "val": []}
+            j = 0  # index of the next survivor of cleaning
+            for rules, drop, error in zip(chunk.rules, chunk.drop, chunk.errors):
+                if error:
+                    on_error(NanozhError(error))
                     continue
-                verdict = rec.drop or dedup.check(rec.text, rec.signature)
-                stats.add(rec.rules, verdict)
-                if rec.truncated and not verdict:
-                    counts["truncated"] += 1
-                if not verdict:
-                    writers["val" if rec.val else "train"].add(*rec.arrays)
-            bar.update(len(results))
+                if drop is None:
+                    drop = verdicts[j]
+                    if not drop:
+                        kept["val" if chunk.val[j] else "train"].append(j)
+                        counts["truncated"] += chunk.truncated[j]
+                    j += 1
+                stats.add(rules, drop)
+            for split, survivors in kept.items():
+                chunk.write(writers[split], survivors)
+            n_bytes += chunk.n_bytes
+            bar.update(len(chunk.rules))
             bar.set_postfix_str(f"{n_bytes / 1e6:.1f} MB", refresh=False)
     splits = {s: w.close() for s, w in writers.items()}
-    print(stats.summary())
+    print(stats.summary(cfg))
     if not splits["train"]["examples"] + splits["val"]["examples"]:
         raise user_error(" ".join(args.input), f"no {args.kind} examples survived ({stats.docs_in} read)",
                          "check the input and the cleaning flags")
     elapsed = time.time() - t0
     n_tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
     for key, n in sorted(counts.items()):
-        print(f"{key}: {n:,}")
+        if n:
+            print(f"{key}: {n:,}")
     print(f"prepare {args.kind}: {n_bytes / 1e6:.1f} MB in {elapsed:.1f}s ({n_bytes / 1e6 / elapsed:.2f} MB/s, "
           f"{n_tokens / elapsed:,.0f} tokens/s); train {splits['train']['tokens']:,} tokens in "
           f"{splits['train']['examples']:,} examples, val {splits['val']['tokens']:,} tokens in "

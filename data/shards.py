@@ -75,7 +75,8 @@ def _layout(kind: str, itemsize: int, n_tokens: int, n_examples: int) -> dict[st
 
 
 class ShardWriter:
-    """Streams one shard to disk: `add(ids)` (pretrain: a document, its eos included),
+    """Streams one shard to disk: `add(ids)` (pretrain: a document, its eos included; or several
+    back to back with `examples=n`),
     `add(ids, mask)` (sft: a conversation and its assistant mask), `add(prompt, chosen, rejected)`
     (dpo). `close()` writes the header and renames the file into place; use it as a context
     manager so an exception leaves no file behind."""
@@ -99,7 +100,8 @@ class ShardWriter:
             raise ValueError(f"token id out of range [0, {self.vocab_size}) for {self.path}")
         return ids.astype(self.dtype, copy=False)
 
-    def add(self, *arrays) -> None:
+    def add(self, *arrays, examples: int = 1) -> None:
+        assert examples == 1 or self.kind == "pretrain", "only pretraining documents can come several at once"
         if self.kind == "pretrain":
             (ids,) = arrays
             self._f.write(self._tokens(ids).tobytes())
@@ -119,7 +121,7 @@ class ShardWriter:
             row = [self.n_tokens, len(prompt), len(chosen), len(rejected)]
             self._index.write(np.array(row, np.int64).tobytes())
         self.n_tokens += n
-        self.n_examples += 1
+        self.n_examples += examples
 
     def close(self) -> Path:
         """Append the side sections, write the header, and move the finished file into place."""
@@ -161,7 +163,7 @@ class ShardWriter:
 
 class SplitWriter:
     """Writes one split of a shard directory as DIR/{split}_00000.bin, _00001.bin, ..., starting a
-    new file once the current one holds max_shard_tokens (an example never straddles two files)."""
+    new file once the current one holds max_shard_tokens (an add() never straddles two files)."""
 
     def __init__(self, out_dir: str | Path, split: str, kind: str, vocab_size: int,
                  max_shard_tokens: int = MAX_SHARD_TOKENS):
@@ -171,12 +173,12 @@ class SplitWriter:
         self.n_tokens = self.n_examples = 0
         self._writer: ShardWriter | None = None
 
-    def add(self, *arrays) -> None:
+    def add(self, *arrays, examples: int = 1) -> None:
         if self._writer is None:
             name = f"{self.split}_{len(self.files):05d}.bin"
             self._writer = ShardWriter(self.out_dir / name, self.kind, self.vocab_size)
             self.files.append(name)
-        self._writer.add(*arrays)
+        self._writer.add(*arrays, examples=examples)
         if self._writer.n_tokens >= self.max_shard_tokens:
             self._finish_file()
 
