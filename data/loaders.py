@@ -46,18 +46,19 @@ class PretrainLoader:
     its size; windows never cross a shard file's end."""
 
     def __init__(self, shard_dir: str, split: str, block_size: int, batch_size: int, seed: int = 0):
-        self.shard_dir, self.block_size, self.batch_size, self.seed = shard_dir, block_size, batch_size, seed
+        self.shard_dir, self.split = shard_dir, split
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.meta = read_meta(shard_dir, "pretrain")
-        self.shards = [s for s in open_shards(shard_dir, split, "pretrain") if s.n_tokens > block_size]
-        starts = np.array([s.n_tokens - block_size for s in self.shards], dtype=np.int64)
-        if not starts.sum():
-            raise user_error(shard_dir, f"the {split} split has no shard longer than block_size={block_size} tokens",
-                             "prepare more text or lower block_size")
+        self.shards = open_shards(shard_dir, split, "pretrain")
+        starts = np.array([max(s.n_tokens - block_size, 0) for s in self.shards], dtype=np.int64)
         self.cum_starts = np.cumsum(starts)
         self.first_start = self.cum_starts - starts  # global index of each shard's first window
 
     def get_batch(self, step: int, micro_step: int = 0, rank: int = 0, world_size: int = 1,
                   grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        if not len(self.cum_starts) or not self.cum_starts[-1]:
+            raise user_error(self.shard_dir, f"the {self.split} split has no shard longer than "
+                             f"block_size={self.block_size} tokens", "prepare more text or lower block_size")
         rng = _rng(self.seed, position(step, micro_step, rank, world_size, grad_accum))
         g = rng.integers(0, self.cum_starts[-1], size=self.batch_size)
         which = np.searchsorted(self.cum_starts, g, side="right")
@@ -67,16 +68,17 @@ class PretrainLoader:
         return torch.from_numpy(xy[:, :-1]), torch.from_numpy(xy[:, 1:])
 
     def val_tokens(self, max_tokens: int) -> torch.Tensor:
-        """The first max_tokens tokens of the directory's "val" split (all of it if shorter), as one
-        1-D int64 tensor, for a validation loss that is the same numbers every time."""
+        """The first max_tokens tokens of this loader's split (all of it if shorter) as one 1-D int64
+        tensor: open the loader on "val" for a validation loss that scores the same text every time."""
         parts, left = [], max_tokens
-        for shard in open_shards(self.shard_dir, "val", "pretrain"):
+        for shard in self.shards:
             parts.append(np.asarray(shard.tokens[:left], dtype=np.int64))
             left -= len(parts[-1])
             if left <= 0:
                 break
-        if not parts or not sum(len(p) for p in parts):
-            raise user_error(self.shard_dir, "the val split is empty", "prepare more text or raise --val_fraction")
+        if not sum(len(p) for p in parts):
+            raise user_error(self.shard_dir, f"the {self.split} split is empty",
+                             "prepare more text or raise --val_fraction")
         return torch.from_numpy(np.concatenate(parts))
 
 

@@ -61,16 +61,19 @@ def test_pretrain_windows_are_contiguous_text_with_shifted_targets(pretrain_dir)
             assert any(stream[i:i + 17] == row for i in range(len(stream) - 16))
 
 
-def test_val_tokens_are_the_start_of_the_val_split(pretrain_dir):
-    loader = PretrainLoader(pretrain_dir, "train", block_size=16, batch_size=4)
-    val = PretrainLoader(pretrain_dir, "val", block_size=16, batch_size=4).shards[0].tokens
-    assert loader.val_tokens(20).tolist() == val[:20].tolist()
-    assert loader.val_tokens(10**6).tolist() == val.tolist()
+def test_val_tokens_are_the_start_of_the_split(pretrain_dir):
+    loader = PretrainLoader(pretrain_dir, "val", block_size=16, batch_size=4)
+    val = np.concatenate([s.tokens for s in loader.shards]).tolist()
+    assert loader.val_tokens(20).tolist() == val[:20]
+    assert loader.val_tokens(10**6).tolist() == val
 
 
 def test_pretrain_block_longer_than_data_is_an_error(pretrain_dir):
-    with pytest.raises(NanozhError, match="no shard longer than block_size=100000 tokens"):
-        PretrainLoader(pretrain_dir, "train", block_size=100000, batch_size=4)
+    loader = PretrainLoader(pretrain_dir, "train", block_size=100000, batch_size=4)
+    with pytest.raises(NanozhError) as e:
+        loader.get_batch(0)
+    assert str(e.value) == (f"nanozh: {pretrain_dir}: the train split has no shard longer than block_size=100000 "
+                            "tokens (prepare more text or lower block_size)")
 
 
 def conversation(rng, n_turns):
