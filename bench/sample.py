@@ -1,0 +1,93 @@
+"""Generation speed of the model presets: prefill tokens/s and decode tokens/s with and without the
+KV cache (randomly initialised weights: speed does not depend on what was learned).
+
+    python bench/sample.py                                   # tiny and 26m on the CPU
+    python bench/sample.py --presets tiny,26m,100m --device cuda --dtype bfloat16
+    nice python bench/sample.py --threads 1                  # steadier on a shared, busy CPU
+
+Decode is greedy, batch 1, from a --prompt_len prompt to --new_tokens new tokens. Without the cache
+every step re-runs the whole sequence, so its cost grows with the square of the length; with it
+each step runs one token against the cached keys and values.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model import KVCache, ModelConfig, Transformer  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def prefill_seconds(model: Transformer, prompt: torch.Tensor) -> float:
+    return timed(lambda: model(prompt, cache=KVCache(model.config, prompt.shape[0], model.config.block_size)), prompt.device)
+
+
+def decode_tokens_per_s(model: Transformer, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> float:
+    seconds = timed(lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache), prompt.device)
+    return new_tokens / seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="tiny,26m", help="comma-separated names from configs/")
+    p.add_argument("--vocab_size", type=int, default=16000)
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--prefill_len", type=int, default=256, help="prompt length for the prefill measurement")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+
+    rows = []
+    for name in tqdm(args.presets.split(","), desc="presets"):
+        settings = json.loads((ROOT / "configs" / f"{name}.json").read_text())["model"]
+        # the context grows to fit the run if needed: block_size changes no weight, only the RoPE table
+        block_size = max(settings["block_size"], args.prompt_len + args.new_tokens, args.prefill_len)
+        config = ModelConfig.from_dict({**settings, "vocab_size": args.vocab_size, "block_size": block_size},
+                                       where=f"configs/{name}.json")
+        model = Transformer(config).to(device=device, dtype=dtype).eval()
+        prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), device=device)
+        long_prompt = torch.randint(0, config.vocab_size, (1, args.prefill_len), device=device)
+        decode_tokens_per_s(model, prompt, 8, use_cache=True)  # warm-up: allocator, kernels, threads
+        prefill = args.prefill_len / min(prefill_seconds(model, long_prompt) for _ in range(3))
+        cached = decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=True)
+        uncached = decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=False)
+        rows.append((name, model.num_params() / 1e6, prefill, cached, uncached))
+
+    command = "python " + " ".join(sys.argv)
+    print(f"\n{command}\n{args.device} {args.dtype}, {torch.get_num_threads()} threads, batch 1, greedy, "
+          f"decode {args.prompt_len} -> {args.prompt_len + args.new_tokens} tokens, prefill {args.prefill_len} tokens")
+    print(f"| preset | params | prefill tok/s | decode tok/s, KV cache | decode tok/s, no cache | cache speed-up |")
+    print(f"|---|---|---|---|---|---|")
+    for name, params, prefill, cached, uncached in rows:
+        print(f"| {name} | {params:.1f}M | {prefill:,.0f} | {cached:,.1f} | {uncached:,.1f} | {cached / uncached:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
