@@ -1,0 +1,175 @@
+"""How fast is data/prepare.py, and does its memory stay flat? Compared with the tokenizer alone.
+
+    python bench/prepare.py                              # bundled corpus + a 200 MB corpus generated from it
+    python bench/prepare.py --input /data/big_corpus     # bundled corpus + your own large corpus
+    nice python bench/prepare.py --workers 2 --generate_mb 400
+
+For each corpus it measures, in the same run on the same text and the same number of cores:
+  encode   the tokenizer's raw throughput: Tokenizer.encode_batch with --workers threads over the
+           raw documents (reading them is not timed), the ceiling for a pipeline that tokenizes;
+  prepare  data/prepare.py --kind pretrain run as a subprocess with --workers processes: read,
+           clean, MinHash, dedup, tokenize, write shards, all included (wall clock);
+and prints MB/s (UTF-8 bytes of raw text), tokens/s, and the peak memory of prepare's whole process
+tree, sampled every 50 ms: PSS summed over the tree (shared pages counted once, so forked workers
+are not double-counted) and the largest single RSS. Targets: prepare >= 0.8x encode; peak memory
+on the large corpus <= 1.2x that on the small one.
+
+The generated corpus is built from the bundled one's paragraphs, drawn at random into new documents
+of a similar length, so it tokenizes like real text and its documents are not near duplicates.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from data.sources import iter_pretrain
+from tokenizer.tokenizer import Tokenizer
+
+
+def generate_corpus(paths: list[str], out_dir: Path, target_mb: float, seed: int = 0) -> list[str]:
+    """Parquet files of about target_mb MB of text remixed from the paragraphs of `paths`."""
+    paragraphs, lengths = [], []
+    for _, text in iter_pretrain(paths):
+        parts = [p for p in text.split("\n") if p.strip()]
+        paragraphs += parts
+        lengths.append(len(parts))
+    rng = np.random.default_rng(seed)
+    files, written, part = [], 0, 0
+    bar = tqdm(total=int(target_mb), desc="generate corpus", unit=" MB")
+    while written < target_mb * 1e6:
+        docs = ["\n".join(paragraphs[i] for i in rng.integers(0, len(paragraphs), size=int(n)))
+                for n in rng.choice(lengths, size=5000)]
+        path = out_dir / f"generated_{part:03d}.parquet"
+        pq.write_table(pa.table({"text": docs}), path, compression="zstd")
+        files.append(str(path))
+        mb = sum(len(d.encode()) for d in docs)
+        written += mb
+        bar.update(int(written / 1e6) - bar.n)
+        part += 1
+    bar.close()
+    return files
+
+
+def encode_throughput(tok: Tokenizer, paths: list[str], threads: int) -> tuple[float, int, float]:
+    """(bytes, tokens, seconds spent inside encode_batch) over every document of `paths`."""
+    n_bytes = n_tokens = 0
+    seconds = 0.0
+    batch, batch_bytes = [], 0
+    for _, text in tqdm(iter_pretrain(paths), desc="raw encode", unit=" docs", mininterval=1):
+        batch.append(text)
+        batch_bytes += len(text.encode())
+        if batch_bytes >= 8_000_000:
+            t0 = time.perf_counter()
+            n_tokens += sum(map(len, tok.encode_batch(batch, num_threads=threads)))
+            seconds += time.perf_counter() - t0
+            n_bytes += batch_bytes
+            batch, batch_bytes = [], 0
+    if batch:
+        t0 = time.perf_counter()
+        n_tokens += sum(map(len, tok.encode_batch(batch, num_threads=threads)))
+        seconds += time.perf_counter() - t0
+        n_bytes += batch_bytes
+    return n_bytes, n_tokens, seconds
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        try:
+            for task in os.listdir(f"/proc/{pids[i]}/task"):
+                with open(f"/proc/{pids[i]}/task/{task}/children") as f:
+                    pids += [int(c) for c in f.read().split()]
+        except OSError:
+            pass  # the process ended between two reads
+        i += 1
+    return pids
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(PSS summed over the tree, largest RSS in it), in bytes."""
+    pss = rss = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[-1] == "kB"}
+            pss += fields.get("Pss", 0)
+            rss = max(rss, fields.get("Rss", 0))
+        except OSError:
+            pass
+    return pss, rss
+
+
+def run_prepare(paths: list[str], tokenizer: str, out: Path, workers: int) -> dict:
+    """Run prepare.py, sampling its tree's memory; returns wall time, peaks and its meta.json."""
+    cmd = [sys.executable, str(ROOT / "data" / "prepare.py"), "--kind", "pretrain", "--input", *paths,
+           "--tokenizer", tokenizer, "--out", str(out), "--workers", str(workers)]
+    peak = [0, 0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def sample() -> None:
+        while proc.poll() is None:
+            pss, rss = _memory(proc.pid)
+            peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    seconds = time.perf_counter() - t0
+    sampler.join()
+    if proc.returncode:
+        sys.exit(f"prepare.py failed:\n{stderr[-2000:]}")
+    meta = json.loads((out / "meta.json").read_text())
+    return {"seconds": seconds, "pss": peak[0], "rss": peak[1], "meta": meta, "summary": stdout.strip().splitlines()[-1]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", nargs="+", default=[str(ROOT / "data" / "corpus" / "pretrain")])
+    p.add_argument("--input", nargs="+", help="the large corpus (default: generated from --small)")
+    p.add_argument("--generate_mb", type=float, default=200)
+    p.add_argument("--tokenizer", default=str(ROOT / "tokenizer" / "tokenizer.model"))
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    tok = Tokenizer(args.tokenizer)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nanozh-bench-") as tmp:
+        tmp = Path(tmp)
+        large = args.input or generate_corpus(args.small, tmp, args.generate_mb)
+        for name, paths in (("small", args.small), ("large", large)):
+            n_bytes, n_tokens, enc_s = encode_throughput(tok, paths, args.workers)
+            r = run_prepare(paths, args.tokenizer, tmp / f"out_{name}", args.workers)
+            print(r["summary"])
+            tokens = sum(s["tokens"] for s in r["meta"]["splits"].values())
+            rows.append((name, n_bytes / 1e6, r["meta"]["clean"]["docs_in"], n_bytes / 1e6 / enc_s,
+                         r["meta"]["input_bytes"] / 1e6 / r["seconds"], n_tokens / enc_s, tokens / r["seconds"],
+                         r["pss"] / 2**20, r["rss"] / 2**20))
+    print(f"\nbench/prepare.py, {args.workers} workers, tokenizer vocab {tok.vocab_size} ({' '.join(sys.argv[1:])})")
+    print(f"{'corpus':<8}{'MB':>8}{'docs':>10}{'encode MB/s':>13}{'prepare MB/s':>14}{'ratio':>7}"
+          f"{'encode tok/s':>14}{'prepare tok/s':>15}{'peak PSS MB':>13}{'max RSS MB':>12}")
+    for name, mb, docs, enc, prep, enc_tok, prep_tok, pss, rss in rows:
+        print(f"{name:<8}{mb:>8.1f}{docs:>10,}{enc:>13.2f}{prep:>14.2f}{prep / enc:>7.2f}"
+              f"{enc_tok:>14,.0f}{prep_tok:>15,.0f}{pss:>13.0f}{rss:>12.0f}")
+    (_, *small), (_, *big) = rows
+    print(f"memory large/small: PSS {big[6] / small[6]:.2f}x, RSS {big[7] / small[7]:.2f}x (target <= 1.2x); "
+          f"throughput prepare/encode: {small[3] / small[2]:.2f}x small, {big[3] / big[2]:.2f}x large (target >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
