@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from attention import attention
+from attention import HEAD_DIMS, attention
 from errors import NanozhError, exit_on_user_error, user_error
 
 ATTN_IMPLS = ("auto", "triton", "sdpa", "naive")
@@ -91,6 +91,8 @@ class ModelConfig:
             (self.vocab_size <= 0, "vocab_size is not set", "set it to the tokenizer's vocab_size"),
             (min(self.n_layer, self.n_head, self.n_kv_head, self.n_embd, self.block_size) <= 0,
              "n_layer, n_head, n_kv_head, n_embd and block_size must be positive", ""),
+            (self.ffn_hidden < 0, f"ffn_hidden {self.ffn_hidden} is negative", "0 derives it from n_embd"),
+            (min(self.rope_theta, self.norm_eps, self.init_std) <= 0, "rope_theta, norm_eps and init_std must be positive", ""),
             (self.n_embd % self.n_head != 0, f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}", ""),
             (self.n_head % self.n_kv_head != 0, f"n_kv_head {self.n_kv_head} does not divide n_head {self.n_head}", ""),
             (self.head_dim % 2 != 0, f"head_dim n_embd/n_head = {self.head_dim} is odd", "RoPE rotates pairs"),
@@ -155,10 +157,11 @@ class Attention(nn.Module):
 
 
 def resolve_attn_impl(impl: str, q: torch.Tensor) -> str:
-    """"auto" -> the fused Triton kernel where it runs (CUDA, half precision, its head dims), else sdpa."""
+    """"auto" -> the fused Triton kernel where it pays (CUDA, fp16/bf16, its head dims), else sdpa.
+    Decided per call from the tensors, not at construction: models are built on the CPU, then moved."""
     if impl != "auto":
         return impl
-    fits_triton = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (32, 64, 128)
+    fits_triton = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in HEAD_DIMS
     return "triton" if fits_triton else "sdpa"
 
 
@@ -473,7 +476,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Print a preset's parameter count per part.")
-    parser.add_argument("--config", required=True, help="a preset such as configs/26m.json")
+    parser.add_argument("--config", required=True, help="a preset such as configs/26m.json, or a model directory's config.json")
     parser.add_argument("--vocab_size", type=int, default=None, help="the tokenizer's (default: the preset's, else 16000)")
     args = parser.parse_args()
     try:
@@ -481,9 +484,12 @@ def main() -> None:
         if not path.is_file():
             raise user_error(path, "config file not found", "see configs/ for the presets")
         try:
-            model_cfg = dict(json.loads(path.read_text()).get("model", {}))
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise user_error(path, f"not a JSON object with a \"model\" section ({e})") from None
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise user_error(path, f"not valid JSON ({e})") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("model", {}), dict):
+            raise user_error(path, "should hold a JSON object", "a preset {\"model\": {...}} or a model's config.json")
+        model_cfg = dict(raw.get("model", raw))  # a preset's "model" section, or a model directory's config.json
         if args.vocab_size is not None or not model_cfg.get("vocab_size"):
             model_cfg["vocab_size"] = args.vocab_size or 16000
         config = ModelConfig.from_dict(model_cfg, where=str(path))

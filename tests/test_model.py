@@ -290,11 +290,13 @@ def test_a_config_that_does_not_match_the_weights_is_a_one_line_error(tmp_path):
     assert_one_line_error(tmp_path, "model.safetensors", "missing", "blocks.2")
 
 
-def test_an_unknown_config_key_is_a_one_line_error_naming_it(tmp_path):
+def test_an_unknown_key_or_mistyped_config_is_a_one_line_error_naming_it(tmp_path):
     small_model().save(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_layers": 3}))
     assert_one_line_error(tmp_path, "config.json", "'n_layers'")
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_layer": "2"}))
+    assert_one_line_error(tmp_path, "config.json", "'n_layer' should be int")
     (tmp_path / "config.json").write_text("{not json")
     assert_one_line_error(tmp_path, "config.json", "not valid JSON")
 
