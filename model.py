@@ -285,7 +285,9 @@ class Transformer(nn.Module):
         logits = self.lm_head(x)[..., :V]
         loss = F.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(B * T), ignore_index=-1,
                                reduction=reduction)
-        return logits, loss if reduction != "none" else loss.view(B, T)
+        if reduction == "none":
+            loss = loss.view(B, T)
+        return logits, loss
 
     # ------------------------------------------------------------------------------------------
     # generation
