@@ -75,11 +75,13 @@ def _layout(kind: str, itemsize: int, n_tokens: int, n_examples: int) -> dict[st
 
 
 class ShardWriter:
-    """Streams one shard to disk: `add(ids)` (pretrain: a document, its eos included; or several
-    back to back with `examples=n`),
-    `add(ids, mask)` (sft: a conversation and its assistant mask), `add(prompt, chosen, rejected)`
-    (dpo). `close()` writes the header and renames the file into place; use it as a context
-    manager so an exception leaves no file behind."""
+    """Streams one shard to disk, one example per add():
+        pretrain  add(ids)                       a document, its eos included (or n documents back
+                                                 to back with examples=n)
+        sft       add(ids, mask)                 a conversation and its assistant mask
+        dpo       add(prompt, chosen, rejected)  the three token spans of a preference triple
+    `close()` writes the header and renames the file into place; used as a context manager, an
+    exception leaves no file behind."""
 
     def __init__(self, path: str | Path, kind: str, vocab_size: int):
         assert kind in KINDS, kind
