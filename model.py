@@ -314,14 +314,15 @@ class Transformer(nn.Module):
                              "shorten the prompt")
         if generator is None and seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
-        cache = KVCache(self.config, B, self.config.block_size) if use_cache else None
+        steps = min(max_new_tokens, self.config.block_size - T)
+        cache = KVCache(self.config, B, T + steps) if use_cache else None
         seen = None
         if repetition_penalty != 1.0:
             seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
         stop = torch.tensor(stop_ids or [], dtype=idx.dtype, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         seq = idx
-        for _ in range(min(max_new_tokens, self.config.block_size - T)):
+        for _ in range(steps):
             # with a cache: the whole prompt once (prefill), then only the newest token
             logits, _ = self(seq[:, cache.pos:] if cache is not None else seq, cache=cache)
             logits = logits[:, -1].float()
