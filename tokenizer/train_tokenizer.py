@@ -121,7 +121,7 @@ def train(texts: Iterable[str], vocab_size: int, input_sentence_size: int = 2_00
             raise paragraphs.error
         if paragraphs.chars == 0:
             raise user_error("--input", "no text to train on", "check the input files") from None
-        msg = str(e).splitlines()[0].split("] ")[-1]
+        msg = str(e).splitlines()[0].split("] ")[-1]  # drop sentencepiece's source location
         raise user_error("--vocab_size", f"sentencepiece could not train: {msg}",
                          "adjust --vocab_size or --character_coverage") from None
     stats = {"sentences": paragraphs.sentences, "chars": paragraphs.chars,
@@ -155,14 +155,21 @@ def main() -> None:
     p.add_argument("--max_sentence_length", type=int, default=16384, help="bytes; longer lines are cut")
     p.add_argument("--num_threads", type=int, default=None)
     args = p.parse_args()
-    docs = tqdm((text for _, text in iter_pretrain(args.input)), desc="reading", unit=" docs")
+
+    def documents() -> Iterator[str]:
+        for _, text in tqdm(iter_pretrain(args.input), desc="reading", unit=" docs"):
+            yield text
+        # sentencepiece reports nothing while it trains; say what the wait is
+        print(f"training BPE, vocab {args.vocab_size} ...", flush=True)
+
     try:
-        model, s = train(docs, args.vocab_size, args.input_sentence_size, args.character_coverage,
-                         args.max_sentence_length, args.num_threads)
-        docs.close()
+        if not 0.98 <= args.character_coverage <= 1.0:  # sentencepiece's own limits
+            raise user_error("--character_coverage", f"{args.character_coverage} is out of range",
+                             "use a value from 0.98 to 1.0")
+        model, s = train(documents(), args.vocab_size, args.input_sentence_size,
+                         args.character_coverage, args.max_sentence_length, args.num_threads)
         path = write_tokenizer(model, args.out)
     except NanozhError as e:
-        docs.close()
         exit_on_user_error(e)
     print(f"trained {path}: vocab {args.vocab_size}, {s['sampled']:,} of {s['sentences']:,} paragraphs "
           f"({s['chars'] / 1e6:.1f}M chars read), {s['seconds']:.1f}s")
