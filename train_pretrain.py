@@ -112,10 +112,10 @@ def train(cfg: PretrainConfig) -> None:
                 x, y = get_batch(step + last, 0 if last else micro_step + 1)
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        loss_value, stop_now = trainer.reduce_step(dist, loss_sum, stop.requested)
-        trainer.check_loss(loss_value, step, cfg.out_dir)
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+        loss_value, norm_value, stop_now = trainer.reduce_step(dist, loss_sum, norm, stop.requested)
+        trainer.check_finite(loss_value, norm_value, step + 1, cfg.out_dir, dtype)
         scaler.step(optimizer)  # skipped by the fp16 scaler if a gradient overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -126,7 +126,7 @@ def train(cfg: PretrainConfig) -> None:
 
         if step % cfg.log_every == 0 or step == cfg.max_steps or stop_now:
             tok_s = timed_steps * tokens_per_step / train_time
-            logger.log(step, loss=loss_value, lr=lr, grad_norm=norm.item(), tok_s=tok_s,
+            logger.log(step, loss=loss_value, lr=lr, grad_norm=norm_value, tok_s=tok_s,
                        mfu=trainer.mfu(flops_per_token, tok_s, dist), mem_gib=trainer.memory_gib(dist.device),
                        ms=1000 * train_time / timed_steps)
             train_time, timed_steps = 0.0, 0
@@ -134,14 +134,15 @@ def train(cfg: PretrainConfig) -> None:
             evaluate(step)
         if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
             path = trainer.save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, cfg, tokenizer_path, dist)
-            if path:
-                logger.bar.write(f"saved {path}")
+            logger.print(f"saved {path}")
         if stop_now:
             break
 
     done = step - start_step
-    logger.close(f"pretrained {done} steps ({done * tokens_per_step / 1e6:.2f}M tokens) to step {step}, "
-                 f"final loss {loss_value:.4f}, checkpoint {Path(cfg.out_dir) / 'latest'}")
+    summary = (f"pretrained {done} steps ({done * tokens_per_step / 1e6:.2f}M tokens) to step {step}, "
+               f"last loss {loss_value:.4f}, model in {Path(cfg.out_dir) / 'latest'}") if done else \
+        f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
+    logger.close(summary)
 
 
 def main() -> None:

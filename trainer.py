@@ -135,18 +135,19 @@ def _set(cfg, key: str, value, where: str, shown: str) -> None:
         types_ = typing.get_type_hints(ModelConfig)
         name = key[len("model."):]
         if name not in types_:
-            raise _unknown(where, shown, name, list(types_), "model.")
+            raise _unknown(where, shown, name, list(types_))
         cfg.model[name] = _convert(value, types_[name], where, shown)
         return
     types_ = {f.name: f.type for f in dataclasses.fields(cfg) if f.name != "model"}
     types_ = {k: typing.get_type_hints(type(cfg))[k] for k in types_}
     if key not in types_:
-        raise _unknown(where, shown, key, list(types_) + ["config"], "")
+        raise _unknown(where, shown, key, list(types_) + ["config"])
     setattr(cfg, key, _convert(value, types_[key], where, shown))
 
 
-def _unknown(where: str, shown: str, key: str, known: list[str], prefix: str) -> NanozhError:
+def _unknown(where: str, shown: str, key: str, known: list[str]) -> NanozhError:
     close = difflib.get_close_matches(key, known, n=1)
+    prefix = shown[: len(shown) - len(key)]  # "--", "--model.", "model." or "": as the user wrote it
     hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(prefix + k for k in known)}"
     return user_error(where, f"unknown config key {shown!r}", hint)
 
@@ -291,22 +292,28 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # one small collective per step: the mean loss, and whether any rank was asked to stop
 
 
-def reduce_step(dist: Dist, loss_sum: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
-    """Mean of this step's loss over ranks, and whether any rank got SIGINT/SIGTERM. Doing both in
-    one all-reduce every step is what lets all ranks agree to stop after the same step (a signal
-    may reach only some of them) while costing next to nothing."""
-    t = torch.stack([loss_sum.detach().float(), torch.tensor(float(stop_requested), device=loss_sum.device)])
+def reduce_step(dist: Dist, loss_sum: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool
+                ) -> tuple[float, float, bool]:
+    """(loss, grad norm) averaged over ranks, and whether any rank got SIGINT/SIGTERM, in one small
+    all-reduce per step. That is what lets all ranks agree to stop after the same step (a signal
+    may reach only some of them) and see the same NaN, at the cost of one sync per step."""
+    flag = torch.tensor(float(stop_requested), device=loss_sum.device)
+    t = torch.stack([loss_sum.detach().float(), grad_norm.detach().float(), flag])
     if dist.ddp:
         torch_dist.all_reduce(t)
-    loss, stops = t.tolist()
-    return loss / dist.world_size, stops > 0
+    loss, norm, stops = t.tolist()
+    return loss / dist.world_size, norm / dist.world_size, stops > 0
 
 
-def check_loss(loss: float, step: int, out_dir: str) -> None:
-    """A NaN/inf loss stops the run before the optimizer step can spread it into the weights."""
-    if not math.isfinite(loss):
-        raise user_error(out_dir, f"loss is {loss} at step {step}; stopped before updating the weights",
-                         "the last checkpoint is intact: lower --lr, raise --warmup_steps or --grad_clip, "
+def check_finite(loss: float, grad_norm: float, step: int, out_dir: str, dtype: torch.dtype) -> None:
+    """A NaN/inf loss or gradient stops the run before the optimizer step can spread it into the
+    weights. In fp16 an inf gradient is routine (the GradScaler skips that step and lowers the
+    scale), so there only the loss is checked."""
+    bad = [f"{name} is {v}" for name, v in (("loss", loss), ("gradient norm", grad_norm))
+           if not math.isfinite(v) and (name == "loss" or dtype != torch.float16)]
+    if bad:
+        raise user_error(out_dir, f"{' and '.join(bad)} at step {step}; stopped before updating the weights",
+                         "the last checkpoint is intact: lower --lr, raise --warmup_steps, "
                          "or use --dtype=bfloat16, then --resume")
 
 
@@ -555,6 +562,10 @@ class Logger:
         self.bar.write(" | ".join([f"step {step}"] + [_fmt(k, v) for k, v in metrics.items()]))
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def print(self, text: str) -> None:
+        if self.active:
+            self.bar.write(text)
 
     def update(self, steps: int = 1) -> None:
         self.bar.update(steps)

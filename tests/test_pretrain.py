@@ -1,0 +1,292 @@
+"""train_pretrain.py and trainer.py: what a user relies on when training runs for days. Training
+lowers the validation loss; torchrun with 2 ranks computes the losses of 1 rank with 2 micro-steps;
+resuming (after a plain stop, SIGTERM or kill -9, past corrupted and half-written checkpoints)
+repeats the uninterrupted run bit for bit; bad configs and runs stop with one line.
+
+Every run uses a 2-layer, 64-wide model on shards prepared once from a slice of the bundled corpus.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import trainer
+from data.prepare import main as prepare_main
+from errors import NanozhError
+from model import ModelConfig, Transformer, load_model
+import train_pretrain
+from train_pretrain import PretrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "data" / "corpus" / "pretrain"
+STEPS = 12
+TINY = ["--config", str(ROOT / "configs" / "tiny.json"), "--model.n_layer=2", "--model.n_embd=32",
+        "--model.n_head=2", "--model.n_kv_head=1", "--model.block_size=64", "--batch_size=2", "--grad_accum=2",
+        f"--max_steps={STEPS}", "--lr=1e-2", "--warmup_steps=3", "--log_every=1", "--eval_every=6",
+        "--save_every=4", "--keep_last=3", "--eval_tokens=1024", "--device=cpu", "--dtype=float32"]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """A pretraining shard directory from the first documents of each bundled corpus file."""
+    tmp = tmp_path_factory.mktemp("pretrain_data")
+    with open(tmp / "slice.jsonl", "w", encoding="utf-8") as f:
+        for path in sorted(CORPUS.glob("*.parquet")):
+            for text in pq.read_table(path, columns=["text"]).column("text").to_pylist()[:12]:
+                f.write(json.dumps({"text": text[:3000]}, ensure_ascii=False) + "\n")
+    prepare_main(["--kind", "pretrain", "--input", str(tmp / "slice.jsonl"), "--tokenizer",
+                  str(ROOT / "tokenizer" / "tokenizer.model"), "--out", str(tmp / "shards"), "--workers", "1",
+                  "--val_fraction", "0.1"])
+    return tmp / "shards"
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """Training in this process installs SIGINT/SIGTERM handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def train(shards: Path, out_dir: Path, *flags: str) -> None:
+    """A run in this process (no torch import to wait for)."""
+    train_pretrain.train(trainer.parse_config(PretrainConfig, [*TINY, f"--data={shards}", f"--out_dir={out_dir}", *flags]))
+
+
+def command(shards: Path, out_dir: Path, *flags: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train_pretrain.py"), *TINY, f"--data={shards}", f"--out_dir={out_dir}", *flags]
+
+
+def start(shards: Path, out_dir: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(command(shards, out_dir, *flags), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    path = out_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(out_dir) if "loss" in m}
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training exited early: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "timed out waiting for training"
+        time.sleep(0.02)
+
+
+def copy_checkpoint(run: Path, step: int, out_dir: Path) -> Path:
+    """A fresh out_dir holding only run's checkpoint at `step`: a run that stopped there."""
+    out_dir.mkdir()
+    shutil.copytree(run / f"step_{step:07d}", out_dir / f"step_{step:07d}")
+    (out_dir / "latest").symlink_to(f"step_{step:07d}")
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory) -> Path:
+    """The reference: STEPS steps, never interrupted, checkpoints every 4 steps."""
+    out_dir = tmp_path_factory.mktemp("straight") / "run"
+    train(shards, out_dir)
+    return out_dir
+
+# -----------------------------------------------------------------------------
+# training itself
+
+
+def test_training_lowers_validation_loss(shards, tmp_path):
+    train(shards, tmp_path / "run", "--max_steps=60", "--eval_every=60", "--save_every=60", "--log_every=60")
+    val = [m["val_loss"] for m in metrics(tmp_path / "run") if "val_loss" in m]
+    assert len(val) == 2 and val[1] < val[0] - 1.5, val
+
+
+def test_run_writes_checkpoints_metrics_and_latest_model_dir(straight):
+    assert sorted(losses(straight)) == list(range(1, STEPS + 1))
+    assert [m["step"] for m in metrics(straight) if "val_loss" in m] == [0, 6, 12]
+    assert all({"lr", "grad_norm", "tok_s"} <= m.keys() for m in metrics(straight) if "loss" in m)
+    assert sorted(p.name for p in straight.glob("step_*")) == ["step_0000004", "step_0000008", "step_0000012"]
+    assert os.readlink(straight / "latest") == "step_0000012"  # relative: the run dir can move
+    for name in ("model.safetensors", "config.json", "tokenizer.model", "train_config.json", "train_state.pt"):
+        assert (straight / "latest" / name).is_file()
+    assert json.loads((straight / "latest" / "train_config.json").read_text())["max_steps"] == STEPS
+    assert load_model(straight / "latest").config.n_layer == 2
+
+
+def test_torchrun_two_ranks_match_one_rank_with_two_micro_steps(shards, straight, tmp_path):
+    cmd = command(shards, tmp_path / "ddp", "--grad_accum=1")
+    cmd[:1] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step 1 | loss") == 1  # only rank 0 logs
+    ddp, single = losses(tmp_path / "ddp"), losses(straight)
+    assert sorted(ddp) == sorted(single)
+    assert max(abs(ddp[s] - single[s]) for s in single) < 1e-5, (ddp, single)
+
+# -----------------------------------------------------------------------------
+# resume: the same losses, bit for bit, however the run was interrupted
+
+
+def test_resume_is_bit_exact(shards, straight, tmp_path):
+    out_dir = copy_checkpoint(straight, 8, tmp_path / "run")
+    train(shards, out_dir, "--resume")
+    assert losses(out_dir) == {s: v for s, v in losses(straight).items() if s > 8}
+
+
+def test_sigterm_saves_and_resume_is_bit_exact(shards, straight, tmp_path):
+    out_dir = tmp_path / "run"
+    proc = start(shards, out_dir, "--save_every=1000")
+    wait_for(lambda: len(losses(out_dir)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    stopped = [int(p.name[5:]) for p in out_dir.glob("step_*")]
+    assert len(stopped) == 1 and stopped[0] < STEPS
+    train(shards, out_dir, "--resume")
+    assert losses(out_dir) == losses(straight)
+
+
+def test_kill9_at_any_moment_leaves_a_resumable_run(shards, straight, tmp_path):
+    """Saving every step makes it likely the kill lands mid-save; whatever it hits, every
+    checkpoint directory is whole and resuming repeats the straight run."""
+    out_dir = tmp_path / "run"
+    proc = start(shards, out_dir, "--save_every=1", "--keep_last=2")
+    wait_for(lambda: (out_dir / "step_0000003").exists(), proc)
+    proc.kill()
+    proc.wait()
+    for ckpt in out_dir.glob("step_*"):
+        load_model(ckpt)
+        torch.load(ckpt / "train_state.pt", weights_only=True)
+    train(shards, out_dir, "--resume")
+    assert losses(out_dir) == losses(straight)
+    assert not list(out_dir.glob(".tmp*"))
+
+
+def test_resume_skips_corrupted_checkpoint_and_half_written_dir(shards, straight, tmp_path, capsys):
+    out_dir = copy_checkpoint(straight, 4, tmp_path / "run")
+    shutil.copytree(straight / "step_0000008", out_dir / "step_0000008")
+    with open(out_dir / "step_0000008" / "train_state.pt", "r+b") as f:
+        f.truncate(1000)
+    half = out_dir / ".tmp_step_0000012"  # what kill -9 in the middle of a save leaves behind
+    shutil.copytree(straight / "step_0000012", half)
+    (half / "train_state.pt").unlink()
+    train(shards, out_dir, "--resume")
+    out = capsys.readouterr()
+    assert f"nanozh: {out_dir / 'step_0000008' / 'train_state.pt'}: unreadable" in out.err
+    assert f"resumed from {out_dir / 'step_0000004'}" in out.out
+    assert losses(out_dir) == {s: v for s, v in losses(straight).items() if s > 4}
+
+# -----------------------------------------------------------------------------
+# what bad input gets: one line, and nothing lost
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(shards, straight, tmp_path):
+    out_dir = copy_checkpoint(straight, 8, tmp_path / "run")
+    with pytest.raises(NanozhError, match=r"^nanozh: .*: (loss|gradient norm) is (nan|inf).* at step (9|10); "):
+        train(shards, out_dir, "--resume", "--lr=1e30")  # the weights blow up after one step
+    assert sorted(p.name for p in out_dir.glob("step_*")) == ["step_0000008"]
+    assert load_model(out_dir / "latest").config.n_layer == 2
+
+
+def test_resume_with_another_model_is_an_error(shards, straight, tmp_path):
+    out_dir = copy_checkpoint(straight, 8, tmp_path / "run")
+    with pytest.raises(NanozhError) as e:
+        train(shards, out_dir, "--resume", "--model.n_layer=3")
+    assert str(e.value).startswith(f"nanozh: {out_dir / 'step_0000008' / 'config.json'}: ")
+    assert "n_layer 2 != 3" in str(e.value)
+
+
+def test_bad_flag_prints_one_line_and_exits_1(shards, tmp_path):
+    result = subprocess.run(command(shards, tmp_path / "run", "--max_step=5"), capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "nanozh: command line: unknown config key '--max_step' (did you mean --max_steps?)\n"
+
+
+def _tiny_model_and_optimizer(ckpt: Path):
+    model = Transformer(ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text())))
+    cfg = PretrainConfig()
+    optimizer = trainer.make_optimizer(model, cfg, torch.device("cpu"))
+    return model, optimizer, trainer.grad_scaler(torch.device("cpu"), torch.float32)
+
+
+def test_resume_with_another_tokenizer_is_an_error(shards, straight, tmp_path):
+    out_dir = copy_checkpoint(straight, 8, tmp_path / "run")
+    other = tmp_path / "other.model"
+    other.write_bytes(b"not the same tokenizer")
+    with pytest.raises(NanozhError, match=r"step_0000008/tokenizer.model: the model was trained with a different tokenizer"):
+        trainer.resume(str(out_dir), *_tiny_model_and_optimizer(out_dir / "step_0000008"), other, trainer.Dist())
+
+
+def test_resume_with_only_corrupted_checkpoints_is_an_error(shards, straight, tmp_path):
+    out_dir = copy_checkpoint(straight, 8, tmp_path / "run")
+    (out_dir / "step_0000008" / "model.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(NanozhError, match="no readable checkpoint"):
+        trainer.resume(str(out_dir), *_tiny_model_and_optimizer(out_dir / "step_0000008"), shards / "tokenizer.model",
+                       trainer.Dist())
+
+# -----------------------------------------------------------------------------
+# the pieces in trainer.py
+
+
+def test_config_precedence_is_defaults_then_file_then_flags(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 1e-3, "batch_size": 7, "model": {"n_layer": 3, "rope_theta": 500}}))
+    cfg = trainer.parse_config(PretrainConfig, ["--config", str(path), "--batch_size=9", "--model.n_layer", "5",
+                                                "--compile", "--data", "d", "--model.tie_embeddings=false"])
+    assert (cfg.lr, cfg.batch_size, cfg.compile, cfg.data, cfg.warmup_steps) == (1e-3, 9, True, "d", 100)
+    assert cfg.model == {"n_layer": 5, "rope_theta": 500.0, "tie_embeddings": False}
+    assert isinstance(cfg.model["rope_theta"], float)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr=fast"], "nanozh: command line: --lr='fast' is not a valid float"),
+    (["--model.n_layers=4"], "nanozh: command line: unknown config key '--model.n_layers' (did you mean --model.n_layer?)"),
+    (["data"], "nanozh: command line: unexpected argument 'data' (flags are --key=value)"),
+])
+def test_bad_flags_are_one_line_errors(argv, message):
+    with pytest.raises(NanozhError) as e:
+        trainer.parse_config(PretrainConfig, argv)
+    assert str(e.value) == message
+
+
+def test_unknown_key_in_config_file_names_the_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": {"n_layer": 2}, "max_step": 5}))
+    with pytest.raises(NanozhError) as e:
+        trainer.parse_config(PretrainConfig, [f"--config={path}"])
+    assert str(e.value) == f"nanozh: {path}: unknown config key 'max_step' (did you mean max_steps?)"
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    @dataclass
+    class C:
+        lr: float = 1.0
+        min_lr: float = 0.1
+        warmup_steps: int = 10
+        max_steps: int = 110
+    lrs = [trainer.lr_at(s, C()) for s in range(120)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == 1.0 and lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and min(lrs) == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_matrices():
+    model = Transformer(ModelConfig(vocab_size=100, n_layer=1, n_embd=32, n_head=2, n_kv_head=2))
+    decay, no_decay = trainer.make_optimizer(model, PretrainConfig(), torch.device("cpu")).param_groups
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
