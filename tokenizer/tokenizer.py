@@ -4,7 +4,8 @@
     ids = tok.encode("你好，世界\n")                    # never contains a special id
     tok.decode(ids) == "你好，世界\n"                   # every string round-trips exactly
     ids, mask = tok.render_chat([{"role": "user", "content": "你好"}], add_generation_prompt=True)
-    stream = StreamDecoder(tok); text = stream.push(id) ... + stream.flush()   # whole characters only
+    stream = StreamDecoder(tok)                        # printing ids as they are sampled:
+    print(stream.push(id), end="") ... print(stream.flush())   # only ever whole characters
 
 The chat template is ChatML, and render_chat is the only place it is written down; SFT, DPO,
 sample.py and eval.py all call it. One turn is

@@ -62,8 +62,7 @@ from tqdm import tqdm
 
 from data.sources import iter_pretrain
 from errors import NanozhError, exit_on_user_error, user_error
-
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+from tokenizer.tokenizer import SPECIALS
 
 
 class _Paragraphs:
