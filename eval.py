@@ -163,11 +163,12 @@ def bpc_of_text(model, tok, paths: list[str], stride: int | None = None, batch_s
 
     t0 = time.perf_counter()
     nll, scored = _nll_of_rows(model, rows(), batch_size)
+    seconds = max(time.perf_counter() - t0, 1e-9)
     if counts["chars"] == 0:
         raise user_error(paths[0], "no text to score", "pass a file with non-empty documents")
     return {"bpc": nll / math.log(2) / counts["chars"], "nll": nll, "chars": counts["chars"], "tokens": scored,
             "docs": counts["docs"], "nll_per_token": nll / max(scored, 1), "chars_per_token": counts["chars"] / max(scored, 1),
-            "context": context, "stride": stride, "seconds": round(time.perf_counter() - t0, 2)}
+            "context": context, "stride": stride, "seconds": round(seconds, 2), "tokens_per_s": round(scored / seconds, 1)}
 
 
 # -----------------------------------------------------------------------------
@@ -264,31 +265,32 @@ def mc_accuracy(model, tok, items: list[tuple[int, str, list[str], int]], raw: b
     character ("accuracy") and summed ("accuracy_unnormalised"). A context longer than the model's
     is cut from the left (the start of the question goes first; the choice is always kept)."""
     ctx = model.config.block_size
-    rows, meta = [], []
-    for _, question, choices, answer in items:
+    rows, chars = [], []
+    for _, question, choices, _ in items:
         head = [tok.eos_id] + tok.encode(question) if raw else \
             tok.render_chat([{"role": "user", "content": question}], add_generation_prompt=True)[0]
-        for c, choice in enumerate(choices):
+        for choice in choices:
             tail = tok.encode(choice)
             ids = torch.tensor((head + tail)[-(ctx + 1):])
             y = ids[1:].clone()
-            y[: len(y) - len(tail)] = -1
+            y[: max(0, len(y) - len(tail))] = -1
             rows.append((ids[:-1], y))
-            meta.append(len(choice))
-    scores = []
+            chars.append(len(choice))
+    # batches of similar lengths waste less on padding; scores go back to their rows after
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    nll, t0 = [0.0] * len(rows), time.perf_counter()
     with _eval_mode(model):
-        for batch in tqdm(list(_batched(rows, batch_size)), desc="choices", unit="batch", file=sys.stderr):
-            scores += _nll_per_row(model, batch)[0].tolist()
-    right_norm = right_sum = 0
-    k = 0
+        for batch in tqdm(list(_batched(order, batch_size)), desc="choices", unit="batch", file=sys.stderr):
+            for i, score in zip(batch, _nll_per_row(model, [rows[i] for i in batch])[0].tolist()):
+                nll[i] = score
+    right_norm = right_sum = k = 0
     for _, _, choices, answer in items:
-        nll = scores[k : k + len(choices)]
-        chars = meta[k : k + len(choices)]
+        picks = range(k, k + len(choices))
+        right_norm += min(picks, key=lambda i: nll[i] / chars[i]) - k == answer
+        right_sum += min(picks, key=lambda i: nll[i]) - k == answer
         k += len(choices)
-        right_norm += min(range(len(choices)), key=lambda c: nll[c] / chars[c]) == answer
-        right_sum += min(range(len(choices)), key=lambda c: nll[c]) == answer
     return {"accuracy": right_norm / len(items), "accuracy_unnormalised": right_sum / len(items),
-            "questions": len(items), "template": "raw" if raw else "chat"}
+            "questions": len(items), "template": "raw" if raw else "chat", "seconds": round(time.perf_counter() - t0, 2)}
 
 
 # -----------------------------------------------------------------------------
