@@ -114,11 +114,11 @@ HEAD_DIMS = (32, 64, 128)
 
 
 def _configs(gpu: list[tuple[int, int, int, int]], cpu: tuple[int, int]) -> list[triton.Config]:
-    """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); triton.autotune times each on
-    the first call per key and skips those that do not fit the GPU's shared memory. The candidates
-    are the shapes of Triton's own fused-attention tutorial around which Hopper and Ampere peak.
-    Under the CPU interpreter there is one small config: timing numpy teaches nothing, and small
-    tiles make small test shapes cross many tile edges."""
+    """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), around the tile shapes of
+    Triton's fused-attention tutorial; triton.autotune times each on the first call per key, keeps
+    the fastest on this GPU and skips any that do not fit its shared memory. Under the CPU
+    interpreter there is one small config: timing numpy teaches nothing, and small tiles make small
+    test shapes cross many tile edges."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": cpu[0], "BLOCK_N": cpu[1]}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
