@@ -42,7 +42,9 @@ from tqdm import tqdm
 
 from data.sources import iter_pretrain
 from errors import NanozhError, exit_on_user_error, user_error
+from model import Transformer
 from sample import check_fits, load, pick_device, pick_dtype, prompt_ids, read_prompts
+from tokenizer.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # scoring: negative log-likelihood of tokens, in windows of the model's context
@@ -114,7 +116,8 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def nll_of_tokens(model, tokens: torch.Tensor, context: int, stride: int, batch_size: int = 8) -> tuple[float, int]:
+def nll_of_tokens(model: torch.nn.Module, tokens: torch.Tensor, context: int, stride: int,
+                  batch_size: int = 8) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of a 1-D token tensor and the number of tokens scored.
 
     Every token t >= 1 is scored once, predicted from up to `context` previous tokens (token 0 is
@@ -145,7 +148,8 @@ def _nll_of_rows(model, rows: Iterable[tuple[torch.Tensor, torch.Tensor]], batch
 # --text: bits per character
 
 
-def bpc_of_text(model, tok, paths: list[str], stride: int | None = None, batch_size: int = 8) -> dict:
+def bpc_of_text(model: Transformer, tok: Tokenizer, paths: list[str], stride: int | None = None,
+                batch_size: int = 8) -> dict:
     """NLL, token and character counts and bits per character over every document in `paths`,
     each scored as [eos] + its tokens (the eos is context only) with windows of the model's context
     starting every `stride` tokens (default half the context)."""
@@ -166,17 +170,18 @@ def bpc_of_text(model, tok, paths: list[str], stride: int | None = None, batch_s
     seconds = max(time.perf_counter() - t0, 1e-9)
     if counts["chars"] == 0:
         raise user_error(paths[0], "no text to score", "pass a file with non-empty documents")
-    return {"bpc": nll / math.log(2) / counts["chars"], "nll": nll, "chars": counts["chars"], "tokens": scored,
-            "docs": counts["docs"], "nll_per_token": nll / max(scored, 1), "chars_per_token": counts["chars"] / max(scored, 1),
-            "context": context, "stride": stride, "seconds": round(seconds, 2), "tokens_per_s": round(scored / seconds, 1)}
+    chars, tokens = counts["chars"], max(scored, 1)
+    return {"bpc": nll / math.log(2) / chars, "nll": nll, "chars": chars, "tokens": scored, "docs": counts["docs"],
+            "nll_per_token": nll / tokens, "chars_per_token": chars / tokens, "context": context, "stride": stride,
+            "seconds": round(seconds, 2), "tokens_per_s": round(scored / seconds, 1)}
 
 
 # -----------------------------------------------------------------------------
 # --chat_prompts: answers for a file of prompts
 
 
-def answer_prompts(model, tok, records: list[tuple[str, dict]], max_new_tokens: int = 256, temperature: float = 0.0,
-                   batch_size: int = 8, raw: bool = False, seed: int = 1337) -> list[dict]:
+def answer_prompts(model: Transformer, tok: Tokenizer, records: list[tuple[str, dict]], max_new_tokens: int = 256,
+                   temperature: float = 0.0, batch_size: int = 8, raw: bool = False, seed: int = 1337) -> list[dict]:
     """Each (where, record) answered: the record plus "answer", "tokens" and "finish", in input
     order. Prompts of equal token length run as one batch (no padding to get wrong); a batch runs
     until every row has stopped, rows that stopped early just wait."""
@@ -259,7 +264,7 @@ def read_mc(path: str) -> list[tuple[int, str, list[str], int]]:
     return items
 
 
-def mc_accuracy(model, tok, items: list[tuple[int, str, list[str], int]], raw: bool = False,
+def mc_accuracy(model: Transformer, tok: Tokenizer, items: list[tuple[int, str, list[str], int]], raw: bool = False,
                 batch_size: int = 8) -> dict:
     """Accuracy when the model picks the choice it finds most likely after the question, per
     character ("accuracy") and summed ("accuracy_unnormalised"). A context longer than the model's
@@ -290,7 +295,8 @@ def mc_accuracy(model, tok, items: list[tuple[int, str, list[str], int]], raw: b
         right_sum += min(picks, key=lambda i: nll[i]) - k == answer
         k += len(choices)
     return {"accuracy": right_norm / len(items), "accuracy_unnormalised": right_sum / len(items),
-            "questions": len(items), "template": "raw" if raw else "chat", "seconds": round(time.perf_counter() - t0, 2)}
+            "questions": len(items), "template": "raw" if raw else "chat",
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 # -----------------------------------------------------------------------------
@@ -322,8 +328,9 @@ def main() -> None:
         # fp32 weights under autocast, as training computes its validation loss
         model, tok = load(args.model, device)
         if not 1 <= (args.stride or 1) <= model.config.block_size:
-            raise user_error("--stride", f"{args.stride} is outside 1..{model.config.block_size}", "0 = half the context")
-        amp = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+            raise user_error("--stride", f"{args.stride} is outside 1..{model.config.block_size}",
+                             "0 = half the context")
+        amp = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=dtype)
         with amp:
             if args.text:
                 result = bpc_of_text(model, tok, args.text, args.stride or None, args.batch_size)

@@ -48,7 +48,7 @@ def load(model_dir: str, device: str = "cpu", dtype: torch.dtype | None = None) 
     """The model and the tokenizer of a model directory, checked against each other, in eval mode."""
     tok_path = Path(model_dir) / "tokenizer.model"
     if Path(model_dir).is_dir() and not tok_path.is_file():
-        raise user_error(tok_path, "missing", "copy the tokenizer.model the model was trained with into the directory")
+        raise user_error(tok_path, "missing", "copy in the tokenizer.model the model was trained with")
     model = load_model(model_dir, device=device, dtype=dtype)
     tok = Tokenizer(tok_path)  # checks the special tokens sit at ids 0..5
     if tok.vocab_size != model.config.vocab_size:
@@ -134,7 +134,8 @@ def stream_reply(model: Transformer, tok: Tokenizer, ids: list[int], args: argpa
 
 
 def summary(n_tokens: int, seconds: float, prompt_tokens: int) -> str:
-    return f"{n_tokens} tokens in {seconds:.2f}s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s (prompt {prompt_tokens} tokens)"
+    rate = n_tokens / max(seconds, 1e-9)
+    return f"{n_tokens} tokens in {seconds:.2f}s, {rate:.1f} tokens/s (prompt {prompt_tokens} tokens)"
 
 
 def chat(model: Transformer, tok: Tokenizer, args: argparse.Namespace, generator: torch.Generator) -> None:
@@ -185,7 +186,8 @@ def chat(model: Transformer, tok: Tokenizer, args: argparse.Namespace, generator
         history += turn + [{"role": "assistant", "content": reply}]
 
 
-def generate_prompts(model: Transformer, tok: Tokenizer, args: argparse.Namespace, generator: torch.Generator) -> None:
+def generate_prompts(model: Transformer, tok: Tokenizer, args: argparse.Namespace,
+                     generator: torch.Generator) -> None:
     """--prompt or --prompt_file: every prompt is checked first, then each answer streams in turn."""
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
@@ -221,7 +223,8 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling; 1.0 = off")
-    p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (1.1-1.3 helps small models)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="> 1 discourages repeats (1.1-1.3 helps small models)")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=1337, help="same seed and arguments -> same text")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")

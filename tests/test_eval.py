@@ -238,9 +238,10 @@ def eval_error(monkeypatch, capsys, tmp_path, tok, *args: str) -> str:
 def test_malformed_chat_prompts_name_file_and_line(monkeypatch, capsys, tmp_path, tok, content, line, what):
     path = tmp_path / "prompts.jsonl"
     path.write_text(content, encoding="utf-8")
-    err = eval_error(monkeypatch, capsys, tmp_path, tok, "--chat_prompts", str(path), "--out", str(tmp_path / "a.jsonl"))
+    out = tmp_path / "a.jsonl"
+    err = eval_error(monkeypatch, capsys, tmp_path, tok, "--chat_prompts", str(path), "--out", str(out))
     assert err.startswith(f"nanozh: {path}:{line}: {what}")
-    assert not (tmp_path / "a.jsonl").exists()
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("record, what", [
