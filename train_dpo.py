@@ -1,0 +1,316 @@
+"""Direct preference optimisation (DPO): make a chat model prefer the chosen answer over the rejected one.
+
+    python train_dpo.py --init_from out/sft/latest --data out/data/dpo --out_dir out/dpo
+    python train_dpo.py --init_from out/sft/latest --data out/data/dpo --out_dir out/dpo --precompute_ref
+    torchrun --standalone --nproc_per_node=8 train_dpo.py --init_from out/sft/latest --data DIR --out_dir DIR
+    python train_dpo.py --init_from out/sft/latest --data out/data/dpo --out_dir out/dpo --resume
+
+--data is a shard directory of data/prepare.py --kind dpo (prompt, chosen, rejected), made with the
+model's tokenizer. Settings, checkpoints, resume, Ctrl-C/SIGTERM, logging and torchrun work as in
+train_pretrain.py. OUT_DIR/latest is a chat model directory for sample.py --chat and eval.py.
+
+The loss (Rafailov et al., 2023). Two copies of the --init_from model (normally the SFT model): the
+policy, which trains, and the reference, which stays frozen. For a prompt with a chosen answer and a
+rejected one, each model gives the summed log-probability of each answer's tokens (its <|im_end|>
+included): pc, pr for the policy, rc, rr for the reference. Then
+
+    loss = -logsigmoid(beta * ((pc - rc) - (pr - rr)))
+
+The policy is pushed to raise the chosen answer and lower the rejected one *relative to the
+reference*; beta sets how far it may drift from it (small beta: far). beta * (pc - rc) is the
+"implicit reward" of the chosen answer (likewise for the rejected one); logged are the mean rewards,
+their margin, the reward accuracy (the share of pairs whose chosen reward is the higher) and the
+policy's mean log-prob of each answer (a chosen log-prob that keeps falling is a known DPO failure:
+both answers lose probability, the rejected one faster). --label_smoothing=eps is conservative DPO:
+it assumes a share eps of the labels are flipped, -(1-eps)*logsigmoid(beta*z) - eps*logsigmoid(-beta*z),
+so the margin stops growing at a finite value instead of being pushed forever.
+
+The reference is the --init_from model in eval mode, requires_grad_(False), run under
+torch.no_grad() and never given to the optimizer. With --precompute_ref its log-probs are computed
+once, for every example of the train and val splits, kept in memory (a resumed run computes them
+again), and the reference model is freed: one forward pass over the data up front, then each step
+runs only the policy, and only one model's weights occupy memory.
+
+Chosen and rejected answers go through the model in one forward: the loader gives B prompt+chosen
+rows followed by B prompt+rejected rows. Each micro-step holds the same number of pairs, so the mean
+loss per pair over micro-steps and ranks is the mean of their means.
+"""
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import trainer
+from data.loaders import DPOLoader, position
+from data.shards import read_meta
+from errors import NanozhError, exit_on_user_error, user_error
+from model import Transformer, load_model
+from train_sft import check_data_tokenizer, check_model_settings, max_steps_for
+
+
+@dataclass
+class DPOConfig(trainer.TrainConfig):
+    out_dir: str = "out/dpo"
+    max_steps: int = 0            # 0 = as many steps as `epochs` passes over the train split take
+    epochs: float = 1.0
+    batch_size: int = 8           # preference pairs per micro-step on each rank (2x rows go through the model)
+    # a small step: the policy starts at the reference and should move away from it only a little
+    lr: float = 5e-6
+    min_lr: float = 5e-7
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    beta: float = 0.1             # the strength of the pull back to the reference
+    label_smoothing: float = 0.0  # conservative DPO: the assumed share of flipped labels, in [0, 0.5)
+    precompute_ref: bool = False  # reference log-probs once up front, then free the reference model
+    eval_every: int = 100
+    save_every: int = 250
+    eval_batches: int = 20        # validation batches scored at each evaluation (the same ones each time)
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss and the implicit rewards of the chosen and rejected answers (detached), from
+    summed answer log-probs, each (B,). The loss is not yet averaged."""
+    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    z = (pc - rc) - (pr - rr)
+    loss = -(1 - label_smoothing) * F.logsigmoid(beta * z) - label_smoothing * F.logsigmoid(-beta * z)
+    return loss, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def answer_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-prob of each row's answer tokens, (rows,): the model's fp32 per-token NLL under the mask."""
+    _, nll = model(x, y, reduction="none")
+    return -(nll * answer_mask).sum(-1)
+
+
+def example_index(loader: DPOLoader, pos: int) -> np.ndarray:
+    """Where the pairs of the batch at global position `pos` sit in the split (rows of loader.examples)."""
+    ids = loader._batch_ids(pos)  # (B, 2) shard, row; DPOLoader has no public way to say this yet
+    first = np.cumsum([0] + [s.n_examples for s in loader.shards])
+    return first[ids[:, 0]] + ids[:, 1]
+
+
+@torch.no_grad()
+def precompute_reference(reference: Transformer, data: str, split: str, block_size: int, batch_size: int,
+                         ctx, dist: trainer.Dist) -> torch.Tensor:
+    """(n_examples, 2) reference log-probs of every pair's chosen and rejected answer in the split,
+    indexed like loader.examples. A loader of batch size 1 visits each pair exactly once in its first
+    epoch (sorted by length within windows, so neighbours pad little); batch_size of those go through
+    the model at a time. Ranks take every world_size-th batch and the table is summed over ranks."""
+    one = DPOLoader(data, split, batch_size=1, seed=0, max_len=block_size)
+    n = len(one.examples)
+    table = torch.zeros(n, 2, device=dist.device)
+    starts = range(dist.rank * batch_size, n, batch_size * dist.world_size)
+    for start in tqdm(starts, desc=f"reference log-probs ({split})", unit="batch", disable=not dist.is_main,
+                      file=sys.stderr):
+        batches = [one.get_batch(pos) for pos in range(start, min(start + batch_size, n))]
+        T = max(x.shape[1] for x, _, _ in batches)
+        x = torch.full((2 * len(batches), T), one.pad_id, dtype=torch.long)
+        y = torch.full((2 * len(batches), T), -1, dtype=torch.long)
+        mask = torch.zeros((2 * len(batches), T), dtype=torch.bool)
+        for i, (bx, by, bm) in enumerate(batches):  # rows chosen, rejected, chosen, rejected, ...
+            t = bx.shape[1]
+            x[2 * i:2 * i + 2, :t], y[2 * i:2 * i + 2, :t], mask[2 * i:2 * i + 2, :t] = bx, by, bm
+        with ctx:
+            logps = answer_logps(reference, x.to(dist.device), y.to(dist.device), mask.to(dist.device))
+        rows = [example_index(one, pos)[0] for pos in range(start, start + len(batches))]
+        table[rows] = logps.float().view(-1, 2)
+    if dist.ddp:
+        torch_dist.all_reduce(table)
+    return table
+
+
+def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.Optimizer]:
+    """Train; returns the policy, the reference (None with --precompute_ref) and the optimizer, for
+    whoever wants to look at them (the tests do)."""
+    if cfg.beta <= 0:
+        raise user_error("command line", f"--beta={cfg.beta} must be positive", "0.1 is usual")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise user_error("command line", f"--label_smoothing={cfg.label_smoothing} is outside [0, 0.5)",
+                         "it is the share of labels assumed flipped; 0 is plain DPO")
+    dist = trainer.init_distributed(cfg.device)
+    dtype = trainer.resolve_dtype(cfg.dtype, dist.device)
+    ctx = trainer.autocast(dist.device, dtype)
+    tokenizer_path = check_data_tokenizer(cfg.data, cfg.init_from, "dpo")
+    model = trainer.build_model(cfg, tokenizer_path, dist.device)
+    check_model_settings(cfg, model)
+    # the reference: the same start model, frozen; its dropout (if any) is off
+    reference = load_model(cfg.init_from, device=dist.device).eval().requires_grad_(False)
+    block_size = model.config.block_size
+    loader = DPOLoader(cfg.data, "train", cfg.batch_size, cfg.seed, max_len=block_size)
+    has_val = read_meta(cfg.data, "dpo")["splits"]["val"]["examples"] > 0
+    val_loader = DPOLoader(cfg.data, "val", cfg.batch_size, cfg.seed, max_len=block_size) if has_val else None
+    if cfg.max_steps == 0:
+        cfg.max_steps = max_steps_for(cfg.epochs, loader.n_batches, cfg, dist)
+    optimizer = trainer.make_optimizer(model, cfg, dist.device)  # the policy's parameters only
+    scaler = trainer.grad_scaler(dist.device, dtype)
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
+    start_step = 0
+    if cfg.resume:
+        start_step, _ = trainer.resume(cfg.out_dir, model, optimizer, scaler, tokenizer_path, dist)
+    if dist.is_main:
+        trainer.remove_temp_dirs(cfg.out_dir)
+        trainer.print_config(cfg, model.config)
+        n_cut = int((loader.lengths > block_size + 1).sum())
+        print(f"{model.num_params() / 1e6:.2f}M parameters from {cfg.init_from} (policy and reference), "
+              f"{dist.world_size} rank(s) on {dist.device}, {dtype}; {len(loader.lengths):,} train pairs, "
+              f"{cfg.max_steps} steps = {cfg.max_steps * cfg.grad_accum * dist.world_size / loader.n_batches:.2f} epochs")
+        if n_cut:
+            print(f"{n_cut:,} pairs are longer than block_size {block_size} and are cut there: only the answer "
+                  "tokens that fit are scored (prepare with a smaller --max_len to drop them instead)")
+        if not has_val:
+            print("the val split is empty: no validation metrics (prepare with a larger --val_fraction)")
+    tables = {}
+    if cfg.precompute_ref:
+        tables["train"] = precompute_reference(reference, cfg.data, "train", block_size, cfg.batch_size, ctx, dist)
+        if has_val:
+            tables["val"] = precompute_reference(reference, cfg.data, "val", block_size, cfg.batch_size, ctx, dist)
+        reference = None  # only its log-probs are needed from here on
+        if dist.device.type == "cuda":
+            torch.cuda.empty_cache()
+    raw_model = model  # what gets saved and evaluated: no compile/DDP wrappers
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.ddp:
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+
+    logger = trainer.Logger(cfg.out_dir, dist, start_step, cfg.max_steps)
+    stop = trainer.StopFlag(verbose=dist.is_main)
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        if dist.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return t.pin_memory().to(dist.device, non_blocking=True)
+        return t
+
+    def get_batch(split_loader: DPOLoader, split: str, pos: int) -> tuple[torch.Tensor, ...]:
+        """(x, y, answer_mask, ref_logps) of the batch at a global position; ref_logps (2B,) comes
+        from the precomputed table, or is None: the reference will score the batch itself."""
+        x, y, mask = (to_device(t) for t in split_loader.get_batch(pos))
+        ref = None
+        if split in tables:
+            ref = tables[split][example_index(split_loader, pos)]
+            ref = torch.cat([ref[:, 0], ref[:, 1]])  # the loader's row order: all chosen, then all rejected
+        return x, y, mask, ref
+
+    def reference_logps(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+        if ref is not None:
+            return ref
+        with torch.no_grad():
+            return answer_logps(reference, x, y, mask)
+
+    def evaluate(step: int) -> None:
+        """DPO loss, reward accuracy and margin on the val split's first eval_batches batches."""
+        if val_loader is None:
+            return
+        sums = torch.zeros(4, dtype=torch.float64, device=dist.device)
+        raw_model.eval()
+        with torch.no_grad(), ctx:
+            for pos in range(dist.rank, min(cfg.eval_batches, val_loader.n_batches), dist.world_size):
+                x, y, mask, ref = get_batch(val_loader, "val", pos)
+                pc, pr = answer_logps(raw_model, x, y, mask).chunk(2)
+                rc, rr = reference_logps(x, y, mask, ref).chunk(2)
+                losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
+                sums += torch.stack([losses.sum(), (chosen > rejected).float().sum(), (chosen - rejected).sum(),
+                                     torch.ones_like(losses).sum()]).double()
+        raw_model.train()
+        if dist.ddp:
+            torch_dist.all_reduce(sums)
+        loss, acc, margin, n = sums.tolist()
+        logger.log(step, val_loss=loss / n, val_reward_acc=acc / n, val_margin=margin / n)
+
+    def train_batch(step: int, micro_step: int) -> tuple[torch.Tensor, ...]:
+        return get_batch(loader, "train", position(step, micro_step, dist.rank, dist.world_size, cfg.grad_accum))
+
+    if start_step == 0 and cfg.eval_every:
+        evaluate(0)
+    step, train_time, timed_steps, loss_value = start_step, 0.0, 0, float("nan")
+    # the policy's forward and backward, plus the reference's forward (a third of that) when it runs
+    flops_per_token = raw_model.flops_per_token(block_size) * (1 if cfg.precompute_ref else 4 / 3)
+    # since the last log line: summed per-step means of reward accuracy, chosen and rejected rewards,
+    # and the policy's log-probs of chosen and rejected; and the positions computed
+    logged, positions = torch.zeros(5, device=dist.device), 0
+    x, y, mask, ref = train_batch(step, 0)
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        lr = trainer.lr_at(step, cfg)
+        trainer.set_lr(optimizer, lr)
+        loss_sum = torch.zeros((), device=dist.device)
+        for micro_step in range(cfg.grad_accum):
+            # gradients are all-reduced across ranks only after the last micro-step
+            last = micro_step == cfg.grad_accum - 1
+            with model.no_sync() if dist.ddp and not last else nullcontext():
+                with ctx:
+                    rc, rr = reference_logps(x, y, mask, ref).chunk(2)
+                    pc, pr = answer_logps(model, x, y, mask).chunk(2)  # chosen and rejected in one forward
+                    losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
+                    loss = losses.mean() / cfg.grad_accum
+                positions += x.numel()
+                # fetch the next batch while the device works on this one
+                x, y, mask, ref = train_batch(step + last, 0 if last else micro_step + 1)
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            logged += torch.stack([(chosen > rejected).float().mean(), chosen.mean(), rejected.mean(),
+                                   pc.detach().mean(), pr.detach().mean()]) / cfg.grad_accum
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+        loss_value, norm_value, stop_now = trainer.reduce_step(dist, loss_sum, norm, stop.requested)
+        trainer.check_finite(loss_value, norm_value, step + 1, cfg.out_dir, dtype)
+        scaler.step(optimizer)  # skipped by the fp16 scaler if a gradient overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_time += time.perf_counter() - t0
+        timed_steps += 1
+        logger.update()
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps or stop_now:
+            if dist.ddp:
+                torch_dist.all_reduce(logged)
+            acc, chosen_r, rejected_r, logp_c, logp_r = (logged / (timed_steps * dist.world_size)).tolist()
+            tok_s = positions * dist.world_size / train_time
+            logger.log(step, loss=loss_value, lr=lr, grad_norm=norm_value, reward_acc=acc, chosen_reward=chosen_r,
+                       rejected_reward=rejected_r, margin=chosen_r - rejected_r, logp_chosen=logp_c,
+                       logp_rejected=logp_r, tok_s=tok_s, mfu=trainer.mfu(flops_per_token, tok_s, dist),
+                       mem_gib=trainer.memory_gib(dist.device), ms=1000 * train_time / timed_steps)
+            train_time, timed_steps, positions = 0.0, 0, 0
+            logged.zero_()
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            evaluate(step)
+        if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
+            path = trainer.save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, cfg, tokenizer_path, dist)
+            logger.print(f"saved {path}")
+        if stop_now:
+            break
+
+    done = step - start_step
+    epochs = step * cfg.grad_accum * dist.world_size / loader.n_batches
+    summary = (f"DPO {done} steps to step {step} ({epochs:.2f} epochs of {len(loader.lengths):,} pairs), "
+               f"last loss {loss_value:.4f}, model in {Path(cfg.out_dir) / 'latest'}") if done else \
+        f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
+    logger.close(summary)
+    return raw_model, reference, optimizer
+
+
+def main() -> None:
+    try:
+        cfg = trainer.parse_config(DPOConfig, sys.argv[1:])
+        train(cfg)
+    except NanozhError as e:
+        exit_on_user_error(e)
+    finally:
+        trainer.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
