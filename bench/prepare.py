@@ -21,6 +21,7 @@ of a similar length, so it tokenizes like real text and its documents are not ne
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -64,26 +65,29 @@ def generate_corpus(paths: list[str], out_dir: Path, target_mb: float, seed: int
     return files
 
 
-def encode_throughput(tok: Tokenizer, paths: list[str], threads: int) -> tuple[float, int, float]:
-    """(bytes, tokens, seconds spent inside encode_batch) over every document of `paths`."""
+def encode_throughput(tok: Tokenizer, paths: list[str], threads: int) -> tuple[int, int, float, float]:
+    """(bytes, tokens, wall seconds, CPU seconds) spent inside encode_batch over every document of
+    `paths`, read in batches of ~8 MB."""
     n_bytes = n_tokens = 0
-    seconds = 0.0
+    wall = cpu = 0.0
+
+    def encode(batch: list[str]) -> None:
+        nonlocal n_tokens, wall, cpu
+        t0, c0 = time.perf_counter(), time.process_time()  # process time counts all its threads
+        n_tokens += sum(map(len, tok.encode_batch(batch, num_threads=threads)))
+        wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+
     batch, batch_bytes = [], 0
     for _, text in tqdm(iter_pretrain(paths), desc="raw encode", unit=" docs", mininterval=1):
         batch.append(text)
         batch_bytes += len(text.encode())
+        n_bytes += len(text.encode())
         if batch_bytes >= 8_000_000:
-            t0 = time.perf_counter()
-            n_tokens += sum(map(len, tok.encode_batch(batch, num_threads=threads)))
-            seconds += time.perf_counter() - t0
-            n_bytes += batch_bytes
+            encode(batch)
             batch, batch_bytes = [], 0
-    if batch:
-        t0 = time.perf_counter()
-        n_tokens += sum(map(len, tok.encode_batch(batch, num_threads=threads)))
-        seconds += time.perf_counter() - t0
-        n_bytes += batch_bytes
-    return n_bytes, n_tokens, seconds
+    encode(batch)
+    return n_bytes, n_tokens, wall, cpu
 
 
 def _tree(pid: int) -> list[int]:
@@ -119,6 +123,7 @@ def run_prepare(paths: list[str], tokenizer: str, out: Path, workers: int) -> di
     cmd = [sys.executable, str(ROOT / "data" / "prepare.py"), "--kind", "pretrain", "--input", *paths,
            "--tokenizer", tokenizer, "--out", str(out), "--workers", str(workers)]
     peak = [0, 0]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -133,10 +138,18 @@ def run_prepare(paths: list[str], tokenizer: str, out: Path, workers: int) -> di
     stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - t0
     sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # prepare and its workers, all reaped now
+    cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     if proc.returncode:
         sys.exit(f"prepare.py failed:\n{stderr[-2000:]}")
     meta = json.loads((out / "meta.json").read_text())
-    return {"seconds": seconds, "pss": peak[0], "rss": peak[1], "meta": meta, "summary": stdout.strip().splitlines()[-1]}
+    return {"seconds": seconds, "cpu": cpu, "pss": peak[0], "rss": peak[1], "meta": meta, "summary": stdout.strip().splitlines()[-1]}
+
+
+def fmt(v) -> str:
+    if isinstance(v, str):
+        return v
+    return f"{v:,.0f}" if v >= 1000 or isinstance(v, int) else f"{v:.3f}" if v < 1 else f"{v:.2f}"
 
 
 def main() -> None:
@@ -153,22 +166,27 @@ def main() -> None:
         tmp = Path(tmp)
         large = args.input or generate_corpus(args.small, tmp, args.generate_mb)
         for name, paths in (("small", args.small), ("large", large)):
-            n_bytes, n_tokens, enc_s = encode_throughput(tok, paths, args.workers)
+            n_bytes, n_tokens, enc_wall, enc_cpu = encode_throughput(tok, paths, args.workers)
             r = run_prepare(paths, args.tokenizer, tmp / f"out_{name}", args.workers)
             print(r["summary"])
+            mb = n_bytes / 1e6
             tokens = sum(s["tokens"] for s in r["meta"]["splits"].values())
-            rows.append((name, n_bytes / 1e6, r["meta"]["clean"]["docs_in"], n_bytes / 1e6 / enc_s,
-                         r["meta"]["input_bytes"] / 1e6 / r["seconds"], n_tokens / enc_s, tokens / r["seconds"],
-                         r["pss"] / 2**20, r["rss"] / 2**20))
-    print(f"\nbench/prepare.py, {args.workers} workers, tokenizer vocab {tok.vocab_size} ({' '.join(sys.argv[1:])})")
-    print(f"{'corpus':<8}{'MB':>8}{'docs':>10}{'encode MB/s':>13}{'prepare MB/s':>14}{'ratio':>7}"
-          f"{'encode tok/s':>14}{'prepare tok/s':>15}{'peak PSS MB':>13}{'max RSS MB':>12}")
-    for name, mb, docs, enc, prep, enc_tok, prep_tok, pss, rss in rows:
-        print(f"{name:<8}{mb:>8.1f}{docs:>10,}{enc:>13.2f}{prep:>14.2f}{prep / enc:>7.2f}"
-              f"{enc_tok:>14,.0f}{prep_tok:>15,.0f}{pss:>13.0f}{rss:>12.0f}")
-    (_, *small), (_, *big) = rows
-    print(f"memory large/small: PSS {big[6] / small[6]:.2f}x, RSS {big[7] / small[7]:.2f}x (target <= 1.2x); "
-          f"throughput prepare/encode: {small[3] / small[2]:.2f}x small, {big[3] / big[2]:.2f}x large (target >= 0.8x)")
+            rows.append({"corpus": name, "MB": mb, "docs": r["meta"]["clean"]["docs_in"],
+                         "encode MB/s": mb / enc_wall, "prepare MB/s": mb / r["seconds"],
+                         "encode tok/s": n_tokens / enc_wall, "prepare tok/s": tokens / r["seconds"],
+                         "encode cpu s/MB": enc_cpu / mb, "prepare cpu s/MB": r["cpu"] / mb,
+                         "peak PSS MB": r["pss"] / 2**20, "max RSS MB": r["rss"] / 2**20})
+    print(f"\nbench/prepare.py {' '.join(sys.argv[1:])}: {args.workers} workers, tokenizer vocab {tok.vocab_size}")
+    print("".join(f"{k:>{max(len(k), 8) + 2}}" for k in rows[0]))
+    for row in rows:
+        print("".join(f"{fmt(v):>{max(len(k), 8) + 2}}" for k, v in row.items()))
+    small, big = rows
+    speed = [row["prepare MB/s"] / row["encode MB/s"] for row in rows]
+    cpu = [row["encode cpu s/MB"] / row["prepare cpu s/MB"] for row in rows]
+    print(f"prepare/encode throughput: {speed[0]:.2f}x small, {speed[1]:.2f}x large (target >= 0.8x); "
+          f"the same in CPU time per MB: {cpu[0]:.2f}x small, {cpu[1]:.2f}x large")
+    print(f"peak memory large/small: PSS {big['peak PSS MB'] / small['peak PSS MB']:.2f}x, "
+          f"RSS {big['max RSS MB'] / small['max RSS MB']:.2f}x (target <= 1.2x)")
 
 
 if __name__ == "__main__":

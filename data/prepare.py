@@ -30,9 +30,10 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
-from multiprocessing import Pool
+from multiprocessing.pool import Pool
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
@@ -240,21 +241,20 @@ def chunks(records, chunk_chars: int = CHUNK_CHARS):
         yield chunk
 
 
-def ordered_results(fn, tasks, workers: int, init_args: tuple):
-    """fn(task) for each task, in order, computed by `workers` processes with at most a few tasks in
-    flight. (Pool.imap reads its whole input ahead, which would hold the corpus in memory.)"""
-    if workers <= 1:
-        _init(*init_args)
+def ordered_results(pool: Pool | None, fn, tasks, in_flight: int):
+    """fn(task) for each task, in order, computed by the pool's workers (or here when there is no
+    pool) with at most in_flight tasks submitted and not yet taken back. Pool.imap would read its
+    whole input ahead, and with it the whole corpus into memory."""
+    if pool is None:
         yield from map(fn, tasks)
         return
-    with Pool(workers, initializer=_init, initargs=init_args) as pool:
-        pending = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(fn, (task,)))
-            if len(pending) >= 3 * workers:
-                yield pending.popleft().get()
-        while pending:
+    pending = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= in_flight:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -334,9 +334,14 @@ def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path, t0: float
     records = READERS[args.kind](args.input, on_error=on_error)
     init_args = (str(tok.path), cfg, args.kind, args.max_len, args.val_fraction)
     n_bytes = 0
-    # on an exception the half-written shards go with the temporary directory prepare() removes
-    with tqdm(desc=f"prepare {args.kind}", unit=" docs", smoothing=0.1) as bar:
-        for chunk in ordered_results(_work, chunks(records), args.workers, init_args):
+    # the workers are forked before the progress bar starts its monitor thread (forking a process
+    # that has threads can deadlock the child); on an exception the half-written shards go with
+    # the temporary directory that prepare() removes
+    pool = Pool(args.workers, initializer=_init, initargs=init_args) if args.workers > 1 else None
+    if pool is None:
+        _init(*init_args)
+    with pool or nullcontext(), tqdm(desc=f"prepare {args.kind}", unit=" docs", smoothing=0.1) as bar:
+        for chunk in ordered_results(pool, _work, chunks(records), 3 * args.workers):
             verdicts = dedup.check_many(chunk.texts, chunk.signatures) if chunk.texts else []
             kept = {"train": [], "val": []}
             j = 0  # index of the next survivor of cleaning
