@@ -117,11 +117,17 @@ class _ExampleLoader:
         self._cache: tuple[int, np.ndarray] | None = None
         self.last_padding_fraction = 0.0
 
-    def _batch_ids(self, pos: int) -> np.ndarray:
-        epoch, b = divmod(pos, self.n_batches)
+    def example_ids(self, step: int, micro_step: int = 0, rank: int = 0, world_size: int = 1,
+                    grad_accum: int = 1) -> np.ndarray:
+        """(B,) indices into self.examples (and self.lengths) of the batch at this position."""
+        epoch, b = divmod(position(step, micro_step, rank, world_size, grad_accum), self.n_batches)
         if self._cache is None or self._cache[0] != epoch:  # a cache of a pure function: same answer
             self._cache = (epoch, _epoch_batches(self.lengths, self.batch_size, self.seed, epoch))
-        return self.examples[self._cache[1][b]]
+        return self._cache[1][b]
+
+    def _batch_ids(self, pos: int) -> np.ndarray:
+        """(B, 2) shard and row of each example of the batch at global position pos."""
+        return self.examples[self.example_ids(pos)]
 
 
 class SFTLoader(_ExampleLoader):

@@ -113,6 +113,7 @@ def test_sft_epoch_visits_every_example_once_and_is_pure(sft_data):
     assert len(seen) == 30 and len(set(seen)) == 30
     again = SFTLoader(shard_dir, "train", batch_size=5, seed=3, max_len=64)
     assert torch.equal(again.get_batch(4, 0, 1, 2, 1)[1], loader.get_batch(4, 0, 1, 2, 1)[1])
+    assert sorted(np.concatenate([loader.example_ids(step) for step in range(6)]).tolist()) == list(range(30))
     epochs = [[loader.get_batch(step)[0][:, :4] for step in range(e * 6, e * 6 + 6)] for e in range(2)]
     assert not all(torch.equal(a, b) for a, b in zip(*epochs))  # the next epoch has another order
 
