@@ -14,9 +14,9 @@ Conventions shared by all three:
 
 How the fused kernel works (FlashAttention-2, Dao 2023; the names are the paper's)
 --------------------------------------------------------------------------------
-Naive attention writes the whole (Tq, Tk) score matrix S = Q K^T / sqrt(D) to GPU memory, reads it
-back to softmax it, writes P, reads it again for P V: O(T^2) memory traffic, and the GPU spends its
-time waiting on memory. The fused kernel never materialises S. Each program owns a tile of BLOCK_M
+Naive attention writes the whole (Tq, Tk) score matrix S = scale * Q K^T (scale = 1/sqrt(D)) to
+GPU memory, reads it back to softmax it, writes P, reads it again for P V: O(T^2) memory traffic,
+and the GPU spends its time waiting on memory. The fused kernel never materialises S. Each program owns a tile of BLOCK_M
 query rows, keeps it on chip, and streams the keys and values past it BLOCK_N rows at a time, doing
 both matmuls of a tile in registers/shared memory before loading the next.
 
@@ -34,10 +34,10 @@ P = exp(S - LSE) tile by tile instead of storing the (Tq, Tk) matrix.
 All exponentials are base 2 (exp2 is the GPU's native instruction): log2(e) is folded into the
 softmax scale once, so S, m and LSE are in log2 units inside the kernels.
 
-Backward, with dO the gradient of O and D = rowsum(dO * O) (one number per query row, computed by
-a small preprocess kernel):
-    P = exp(S - LSE)    dV = P^T dO    dP = dO V^T    dS = P * (dP - D)
-    dQ = dS K / sqrt(D)                dK = dS^T Q / sqrt(D)
+Backward, with dO the gradient of O and D_i = rowsum(dO * O) (one number per query row, computed
+by a small preprocess kernel; "Delta" in the code, as D is the head dim):
+    P = exp(S - LSE)    dV = P^T dO    dP = dO V^T    dS = P * (dP - D_i)
+    dQ = scale * dS K                  dK = scale * dS^T Q
 dK and dV are sums over query rows, dQ a sum over key rows. One kernel owns a key tile and walks
 the query tiles (dK, dV); a second owns a query tile and walks the key tiles (dQ). FlashAttention-2
 instead adds into dQ from the first kernel with atomics, which saves recomputing S and dP but makes
@@ -230,7 +230,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
 @triton.jit
 def _bwd_preprocess(O, dO, Delta, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
                     H, Tq, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """D = rowsum(dO * O) per query row: the softmax's Jacobian reduced to one number per row."""
+    """D_i = rowsum(dO * O) per query row: the softmax's Jacobian reduced to one number per row."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -315,7 +315,7 @@ def _bwd_dkdv_kernel(Q, K, V, dO, dK, dV, LSE, Delta,
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, dOh, LSEh, Deltah, stride_qt, stride_dot, mid, Tq, offs_n,
                                  Tq, Tk, qk_scale, False, PRECISION, BLOCK_M, BLOCK_D)
 
-    dk *= sm_scale  # dK = dS^T Q / sqrt(D): the 1/sqrt(D) of S, applied once
+    dk *= sm_scale  # dK = scale * dS^T Q: the scale of S, applied once
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              dk.to(dK.dtype.element_ty), mask=cols)
     tl.store(dV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
@@ -388,7 +388,7 @@ def _bwd_dq_kernel(Q, K, V, dO, dQ, LSE, Delta,
     dq = _bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, full, end, offs_m, Tq, Tk, qk_scale,
                        True, CAUSAL, PRECISION, BLOCK_N, BLOCK_D)
 
-    dq *= sm_scale  # dQ = dS K / sqrt(D)
+    dq *= sm_scale  # dQ = scale * dS K
     tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(dQ.dtype.element_ty), mask=rows[:, None])
 
