@@ -386,10 +386,7 @@ def save_checkpoint(out_dir: str, step: int, model: Transformer, optimizer: torc
         _fsync(f)
     _fsync(tmp)
     if final.exists():  # left by a run that went past this step, then was resumed from an earlier one
-        old = out / f".old_{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        shutil.rmtree(old)
+        _remove(final)
     tmp.rename(final)
     link = out / ".latest.tmp"
     link.unlink(missing_ok=True)
@@ -406,7 +403,16 @@ def _prune(out: Path, step: int, keep_last: int) -> None:
     if keep_last > 0:
         older = [p for p in _step_dirs(out) if int(p.name[5:]) < step]
         for p in older[keep_last - 1:]:
-            shutil.rmtree(p)
+            _remove(p)
+
+
+def _remove(ckpt: Path) -> None:
+    """Delete a checkpoint directory by renaming it out of the step_* namespace first: a kill in
+    the middle of rmtree must not leave a half-deleted step_* that looks like a checkpoint."""
+    trash = ckpt.with_name(f".old_{ckpt.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    ckpt.rename(trash)
+    shutil.rmtree(trash)
 
 
 def remove_temp_dirs(out_dir: str) -> None:

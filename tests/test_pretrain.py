@@ -51,10 +51,15 @@ def shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """Training in this process installs SIGINT/SIGTERM handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+def one_thread_and_own_signal_handlers():
+    """Runs here use one thread, like the subprocesses (THREADS): on a busy 2-core machine a
+    second thread spin-waits and makes a step several times slower, and runs compared bit for bit
+    must split their matmuls the same way. Training in this process installs SIGINT/SIGTERM
+    handlers; pytest gets its own back."""
+    threads, saved = torch.get_num_threads(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     for s, handler in saved.items():
         signal.signal(s, handler)
 
@@ -64,13 +69,16 @@ def train(shards: Path, out_dir: Path, *flags: str) -> None:
     train_pretrain.train(trainer.parse_config(PretrainConfig, [*TINY, f"--data={shards}", f"--out_dir={out_dir}", *flags]))
 
 
+THREADS = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def command(shards: Path, out_dir: Path, *flags: str) -> list[str]:
     return [sys.executable, str(ROOT / "train_pretrain.py"), *TINY, f"--data={shards}", f"--out_dir={out_dir}", *flags]
 
 
 def start(shards: Path, out_dir: Path, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(command(shards, out_dir, *flags), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+                            text=True, cwd=ROOT, env=THREADS)
 
 
 def metrics(out_dir: Path) -> list[dict]:
@@ -130,7 +138,7 @@ def test_run_writes_checkpoints_metrics_and_latest_model_dir(straight):
 def test_torchrun_two_ranks_match_one_rank_with_two_micro_steps(shards, straight, tmp_path):
     cmd = command(shards, tmp_path / "ddp", "--grad_accum=1")
     cmd[:1] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=THREADS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 1 | loss") == 1  # only rank 0 logs
     ddp, single = losses(tmp_path / "ddp"), losses(straight)
@@ -211,7 +219,7 @@ def test_resume_with_another_model_is_an_error(shards, straight, tmp_path):
 
 def test_bad_flag_prints_one_line_and_exits_1(shards, tmp_path):
     result = subprocess.run(command(shards, tmp_path / "run", "--max_step=5"), capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)
+                            timeout=120, cwd=ROOT, env=THREADS)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == "nanozh: command line: unknown config key '--max_step' (did you mean --max_steps?)\n"
 
