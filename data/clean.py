@@ -59,21 +59,25 @@ class CleanConfig:
 
 # ----------------------------------------------------------------------------- cleaning
 
-ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+SPACES = "\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"  # for a regex character class
 # ZWJ/ZWNJ (U+200D, U+200C) stay: they hold emoji sequences and some scripts together
-INVISIBLE = re.compile("[\u00ad\u200b\u200e\u200f\u2060\ufeff]")
+INVISIBLE = "\u00ad\u200b\u200e\u200f\u2060\ufeff"
+CONTROL_CHARS = "\x00-\x08\x0b-\x1f\x7f-\x9f"  # C0 and C1 but \t and \n (\r is one of them)
+ODD = re.compile(f"[{SPACES}{INVISIBLE}{CONTROL_CHARS}]")
+SPACE_OR_INVISIBLE = re.compile(f"[{SPACES}{INVISIBLE}]")
+CONTROL = re.compile(f"[{CONTROL_CHARS}]")
 TRAILING = re.compile(r"[ \t]+\n")
 BLANK_RUNS = re.compile(r"\n\n\n+")  # a literal prefix: re finds it at memchr speed
-CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Unicode punctuation (P*) and symbols (S*) of the BMP, spelled out: re matches a set of chars
 # ~3x faster than [^\w\s]; letters, digits, CJK (哈哈哈哈, 二〇〇〇) and whitespace never match
 PUNCT = "".join(re.escape(chr(c)) for c in range(0x10000) if unicodedata.category(chr(c))[0] in "PS")
 PUNCT_RUN = re.compile(f"([{PUNCT}])\\1\\1+")
 
 
-def _whitespace(text: str) -> str:
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = INVISIBLE.sub("", ODD_SPACES.sub(" ", text))
+def _whitespace(text: str, odd: bool) -> str:
+    if odd:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = SPACE_OR_INVISIBLE.sub(lambda m: "" if m.group() in INVISIBLE else " ", text)
     if " \n" in text or "\t\n" in text:  # the check is 5x faster than the regex finding nothing
         text = TRAILING.sub("\n", text)
     return BLANK_RUNS.sub("\n\n", text).strip()
@@ -83,18 +87,19 @@ def _punct_run(m: re.Match) -> str:
     return m.group(0)[:2 if m.group(1) in "…—" else 3]
 
 
-RULES = (
-    ("whitespace", _whitespace),
-    ("control_chars", lambda t: CONTROL.sub("", t)),
-    ("nfkc", lambda t: unicodedata.normalize("NFKC", t)),
-    ("repeated_punct", lambda t: PUNCT_RUN.sub(_punct_run, t)),
-)
-
-
 def clean_text(text: str, cfg: CleanConfig) -> tuple[str, list[str]]:
     """Cleaned text and the names of the rules that changed it ("" + "min_chars" when dropped)."""
+    # one scan for every character the first two rules replace: most texts have none, and then
+    # those rules skip their own scans (this is a third of the time clean_text takes)
+    odd = ODD.search(text) is not None
+    rules = (
+        ("whitespace", lambda t: _whitespace(t, odd)),
+        ("control_chars", lambda t: CONTROL.sub("", t) if odd else t),
+        ("nfkc", lambda t: unicodedata.normalize("NFKC", t)),
+        ("repeated_punct", lambda t: PUNCT_RUN.sub(_punct_run, t)),
+    )
     changed = []
-    for name, rule in RULES:
+    for name, rule in rules:
         if getattr(cfg, name):
             new = rule(text)
             if new != text:
@@ -106,67 +111,72 @@ def clean_text(text: str, cfg: CleanConfig) -> tuple[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------- MinHash
-# One-permutation hashing (Li, Owen & Zhang 2012) with rotation densification (Shrivastava & Li
-# 2014): each 5-gram is hashed once; the high bits pick one of num_perm bins and the low 32 bits
-# are its value; a bin's minimum is a MinHash of the n-grams that fell into it. Two documents agree
-# on a bin with probability ~ their Jaccard similarity, as with num_perm separate permutations, but
-# the work is O(n-grams) instead of O(n-grams x num_perm): ~8x faster here, which keeps the
-# signature well below the cost of tokenizing the same text.
-
+# One-permutation hashing (Li, Owen & Zhang 2012): each n-gram is hashed once; the hash picks one of
+# num_perm bins and gives a 32-bit value; a bin's minimum is a MinHash of the n-grams that fell into
+# it, so two documents agree on a bin with probability ~ their Jaccard similarity, as with num_perm
+# separate hash functions, for O(n-grams) work instead of O(n-grams x num_perm). A short document
+# leaves bins empty; each empty bin copies the value of the first filled bin along a pseudo-random
+# probe sequence of its own ("optimal densification", Shrivastava 2017), which keeps agreement ~
+# Jaccard. Copying from the next bin to the right instead ("rotation") is simpler but makes the
+# neighbouring bins of an LSH band agree together: it let short poems that share only a title line
+# through as near duplicates.
 U64 = np.uint64
 EMPTY = np.iinfo(np.uint64).max
+MIX = U64(0x9E3779B97F4A7C15)
+VALUE = U64(0xD6E8FEB86659FD93)
 
 
 def _gram_hashes(cp: np.ndarray, n: int) -> np.ndarray:
-    """A 64-bit hash of every n-gram cp[i : i + n] of an array of code points."""
+    """A 64-bit polynomial hash of every n-gram cp[i : i + n] of an array of code points, mod 2^64
+    with an odd multiplier. The last multiply carries the last character into the high bits too, so
+    the high bits mix every character of the gram (the low bits do not: we only use high bits)."""
     length = len(cp) - n + 1
     h = cp[:length].astype(np.uint64)
-    for k in range(1, n):  # polynomial hash, all positions at once (wrapping mod 2^64)
-        h *= U64(0x9E3779B97F4A7C15)
+    for k in range(1, n):
+        h *= MIX
         h += cp[k:k + length]
-    # splitmix64 finaliser: every output bit depends on every input bit, so the bin (high bits)
-    # and the value (low bits) are independent although code points differ only in 21 low bits
-    h ^= h >> U64(30)
-    h *= U64(0xBF58476D1CE4E5B9)
-    h ^= h >> U64(27)
-    h *= U64(0x94D049BB133111EB)
-    h ^= h >> U64(31)
+    h *= MIX
     return h
 
 
 def minhash_signatures(texts: list[str], cfg: CleanConfig) -> np.ndarray:
-    """(len(texts), num_perm) uint64 MinHash signatures of the texts' character n-grams (a text
-    shorter than n is one gram; an empty text is all EMPTY). One pass over all texts, so that short
-    documents do not each pay numpy's per-call overhead: prepare.py calls this per batch."""
+    """(len(texts), num_perm) uint64 MinHash signatures of the texts' character n-grams; a text
+    shorter than n has no n-grams and gets EMPTY everywhere. One pass over all the texts, so that
+    short documents do not each pay numpy's per-call overhead: prepare.py calls this per batch."""
     k, n = cfg.num_perm, cfg.ngram
-    sig = np.full((len(texts), k), EMPTY, dtype=np.uint64)
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-    ends = np.cumsum(lengths)
+    starts = np.cumsum(lengths) - lengths
+    grams = np.maximum(lengths - n + 1, 0)
     cp = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
     h = _gram_hashes(cp, n) if len(cp) >= n else np.empty(0, dtype=np.uint64)
-    # the grams starting 1..n-1 characters before a text's end run into the next text: drop them
-    inside = np.ones(len(h), dtype=bool)
-    crossing = (ends[:, None] - np.arange(1, n)).ravel()
-    inside[crossing[(crossing >= 0) & (crossing < len(h))]] = False
-    row = np.repeat(np.arange(len(texts)) * k, lengths)[:len(h)][inside]  # offset of the text's row
-    h = h[inside]
-    short = np.flatnonzero((lengths > 0) & (lengths < n))
-    if len(short):
-        h = np.concatenate([h] + [_gram_hashes(cp[ends[d] - lengths[d]:ends[d]], lengths[d]) for d in short])
-        row = np.concatenate([row, short * k])
-    bins = ((h >> U64(32)) * U64(k)) >> U64(32)  # high 32 bits scaled to [0, k) without modulo bias
-    np.minimum.at(sig.reshape(-1), row + bins.view(np.int64), h & U64(0xFFFFFFFF))
-    empty = sig == EMPTY
-    if empty.any():
-        # a short text leaves bins empty; each borrows the value of the next filled bin to its
-        # right (wrapping), plus 2^32 per step, so two texts agree there only when they agree on
-        # the borrowed bin at the same distance
-        idx = np.arange(k)
-        nxt = np.where(empty, 2 * k, idx)
-        nxt = np.minimum.accumulate(np.concatenate([nxt, nxt + k], axis=1)[:, ::-1], axis=1)[:, ::-1][:, :k]
-        dense = np.take_along_axis(sig, nxt % k, axis=1) + (nxt - idx).astype(np.uint64) * U64(1 << 32)
-        sig = np.where(empty.all(axis=1, keepdims=True), EMPTY, dense)
-    return sig
+    # bin: the high 32 bits of h scaled to [0, k) without modulo bias, plus the text's row offset;
+    # value: the high 32 bits of h times another odd constant (a different function of the gram)
+    where = h >> U64(32)
+    where *= U64(k)
+    where >>= U64(32)
+    where = where.view(np.int64)
+    where += np.repeat(np.arange(len(texts)) * k, lengths)[:len(h)]
+    value = h * VALUE
+    value >>= U64(32)
+    # the n - 1 positions before each text's end start grams that run into the next text
+    crossing = (starts + lengths)[:, None] - np.arange(1, n)
+    value[crossing[(crossing >= 0) & (crossing < len(h))]] = EMPTY
+    sig = np.full((len(texts), k), EMPTY, dtype=np.uint64)
+    np.minimum.at(sig.reshape(-1), where, value)
+
+    rows, bins = np.nonzero((sig == EMPTY) & (grams > 0)[:, None])
+    dense, probe = sig.copy(), 0
+    while len(rows):  # a text with f filled bins needs ~num_perm / f probes per empty bin
+        probe += 1
+        src = (bins.astype(np.uint64) + U64(probe << 32)) * MIX  # bin j's probe-th pick
+        src >>= U64(32)
+        src *= U64(k)
+        src >>= U64(32)
+        value = sig[rows, src.view(np.int64)]
+        found = value != EMPTY
+        dense[rows[found], bins[found]] = value[found]
+        rows, bins = rows[~found], bins[~found]
+    return dense
 
 
 def minhash_signature(text: str, cfg: CleanConfig) -> np.ndarray:
@@ -247,6 +257,7 @@ class Deduplicator:
         if self.cfg.near_dedup:
             if signatures is None:
                 signatures = minhash_signatures(texts, self.cfg)
+            has_grams = signatures[:, 0] != EMPTY
             bands = signatures[:, :self.bands * self.rows].reshape(len(texts), self.bands, self.rows)
             cols.append((bands * self.mult).sum(axis=2))
         if not cols:
@@ -254,8 +265,12 @@ class Deduplicator:
         keys = np.concatenate(cols, axis=1)
         stored = self.seen.in_sorted(keys)  # against the documents of earlier batches
         exact, recent = self.cfg.exact_dedup, self.seen.recent
+        if self.cfg.near_dedup:  # a text with no n-grams (shorter than ngram) has only its exact key
+            stored[:, exact:] &= has_grams[:, None]
         verdicts = []
-        for row, exact_stored, any_stored in zip(keys.tolist(), stored[:, 0].tolist(), stored.any(axis=1).tolist()):
+        for i, (row, exact_stored, any_stored) in enumerate(zip(keys.tolist(), stored[:, 0].tolist(), stored.any(axis=1).tolist())):
+            if self.cfg.near_dedup and not has_grams[i]:
+                row = row[:exact]
             if exact and (exact_stored or row[0] in recent):
                 verdicts.append("exact")
             elif any_stored or not recent.isdisjoint(row):

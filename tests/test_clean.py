@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from data.clean import (CleanConfig, CleanStats, Deduplicator, clean_text, lsh_bands, minhash_signature,
+from data.clean import (EMPTY, CleanConfig, CleanStats, Deduplicator, clean_text, lsh_bands, minhash_signature,
                         minhash_signatures)
 from errors import NanozhError
 
@@ -92,12 +92,26 @@ def test_signature_agreement_estimates_jaccard():
 
 def test_batched_signatures_equal_one_at_a_time():
     cfg = CleanConfig()
-    texts = ["", "a", "文字", "四个字儿", "正好五个字", "比五个字多一点的文本", random_doc(random.Random(1), 3000)]
+    texts = ["正好五个字", "比五个字多一点的文本", "", "四个字儿", random_doc(random.Random(1), 3000), "六个字的文本"]
     batch = minhash_signatures(texts, cfg)
     assert batch.shape == (len(texts), cfg.num_perm) and batch.dtype == np.uint64
     for text, row in zip(texts, batch):
         assert np.array_equal(row, minhash_signature(text, cfg))
-    assert len(np.unique(batch[1:], axis=0)) == len(texts) - 1
+    with_grams = [row for text, row in zip(texts, batch) if len(text) >= cfg.ngram]
+    assert len(np.unique(with_grams, axis=0)) == len(with_grams)
+    assert (batch[[2, 3]] == EMPTY).all()  # shorter than one n-gram
+
+
+def test_short_texts_sharing_a_title_line_are_not_near_duplicates():
+    rng = random.Random(4)
+    poems = [f"《失调名》\n作者：无名氏\n{random_doc(rng, rng.randrange(6, 16))}。" for _ in range(200)]
+    dedup = Deduplicator(CleanConfig())
+    assert dedup.check_many(poems) == [None] * len(poems)
+
+
+def test_texts_shorter_than_an_ngram_are_only_deduplicated_exactly():
+    dedup = Deduplicator(CleanConfig())
+    assert [dedup.check(t) for t in ("好的", "是的", "好的", "好的呀")] == [None, None, "exact", None]
 
 
 def test_lsh_bands_put_the_s_curve_at_the_threshold():
@@ -113,9 +127,9 @@ def test_lsh_bands_put_the_s_curve_at_the_threshold():
 def test_exact_and_near_duplicates_go_distinct_documents_stay():
     rng, cfg = random.Random(0), CleanConfig()
     header = "《中华人民共和国某某法》（2024年修正）第一章 总则\n"  # shared by distinct documents
-    originals = [header + random_doc(rng, 400) for _ in range(30)]
+    originals = [header + random_doc(rng, 1000) for _ in range(30)]
     exact = originals[:5]
-    near = [mutate(rng, d, 3) for d in originals[5:10]]  # a few characters changed: Jaccard ~ 0.93
+    near = [mutate(rng, d, 3) for d in originals[5:10]]  # 3 characters changed: Jaccard ~ 0.97
     dedup = Deduplicator(cfg)
     verdicts = [dedup.check(d) for d in originals + exact + near]
     assert verdicts == [None] * 30 + ["exact"] * 5 + ["near"] * 5
@@ -123,7 +137,7 @@ def test_exact_and_near_duplicates_go_distinct_documents_stay():
 
 def test_check_many_equals_check_one_by_one_including_repeats_within_a_batch():
     rng, cfg = random.Random(2), CleanConfig()
-    docs = [random_doc(rng, 200) for _ in range(20)]
+    docs = [random_doc(rng, 400) for _ in range(20)]
     docs += [docs[3], mutate(rng, docs[4], 1), "独一无二的新文档" * 10, docs[3]]
     rng.shuffle(docs)
     one = Deduplicator(cfg)
