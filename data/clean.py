@@ -20,7 +20,8 @@ Deduplicator (one per corpus, in the main process) drops
     exact  a document whose cleaned text has the same 64-bit blake2b hash as a kept one;
     near   a document whose MinHash signature shares an LSH band with a kept one: about the
            documents whose estimated Jaccard similarity over character 5-grams is above
-           near_threshold (the S-curve of the band/row split chosen for it, see lsh_bands).
+           near_threshold (the S-curve of the band/row split chosen for it, see lsh_bands);
+           a text shorter than ngram characters has no n-grams and is only deduplicated exactly.
 No text is kept: its memory is ~8 bytes per key and 1 + bands keys per kept document, 80 MB per
 million documents with the defaults (9 bands), however long the documents.
 """
@@ -120,6 +121,7 @@ def clean_text(text: str, cfg: CleanConfig) -> tuple[str, list[str]]:
 # Jaccard. Copying from the next bin to the right instead ("rotation") is simpler but makes the
 # neighbouring bins of an LSH band agree together: it let short poems that share only a title line
 # through as near duplicates.
+
 U64 = np.uint64
 EMPTY = np.iinfo(np.uint64).max
 MIX = U64(0x9E3779B97F4A7C15)
