@@ -263,7 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", required=True, nargs="+", help="files or directories")
     p.add_argument("--tokenizer", required=True, help="tokenizer.model (or a directory holding one)")
     p.add_argument("--out", required=True, help="shard directory to write (replaced if it exists)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizing processes")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that clean and tokenize (1: none, all in this one)")
     p.add_argument("--val_fraction", type=float, default=0.005, help="share of documents held out, by hash")
     p.add_argument("--max_len", type=int, default=512, help="sft/dpo: most tokens per example")
     p.add_argument("--max_shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
@@ -280,6 +280,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.val_fraction < 1:
         raise user_error("--val_fraction", f"{args.val_fraction} is not in [0, 1)", "e.g. 0.005")
+    if not 0 < args.near_threshold <= 1:
+        raise user_error("--near_threshold", f"{args.near_threshold} is not in (0, 1]", "e.g. 0.8")
+    for name in ("workers", "max_len", "max_shard_tokens"):
+        if getattr(args, name) < 1:
+            raise user_error(f"--{name}", f"{getattr(args, name)} is not a positive number", "give 1 or more")
     return args
 
 
@@ -310,16 +315,21 @@ def prepare(args: argparse.Namespace) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        meta = _write_shards(args, tok, tmp, t0)
+        meta = _write_shards(args, tok, tmp)
         shutil.copyfile(tok.path, tmp / "tokenizer.model")
         write_meta(tmp, meta)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    elapsed, mb = time.time() - t0, meta["input_bytes"] / 1e6
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"prepare {args.kind}: {mb:.1f} MB in {elapsed:.1f}s ({mb / elapsed:.2f} MB/s, "
+          f"{(train['tokens'] + val['tokens']) / elapsed:,.0f} tokens/s); train {train['tokens']:,} tokens in "
+          f"{train['examples']:,} examples, val {val['tokens']:,} tokens in {val['examples']:,} examples -> {out}")
     return meta
 
 
-def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path, t0: float) -> dict:
+def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path) -> dict:
     cfg = clean_config(args)
     stats, dedup, counts = CleanStats(), Deduplicator(cfg), Counter()
 
@@ -366,15 +376,11 @@ def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path, t0: float
     if not splits["train"]["examples"] + splits["val"]["examples"]:
         raise user_error(" ".join(args.input), f"no {args.kind} examples survived ({stats.docs_in} read)",
                          "check the input and the cleaning flags")
-    elapsed = time.time() - t0
-    n_tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
     for key, n in sorted(counts.items()):
         if n:
             print(f"{key}: {n:,}")
-    print(f"prepare {args.kind}: {n_bytes / 1e6:.1f} MB in {elapsed:.1f}s ({n_bytes / 1e6 / elapsed:.2f} MB/s, "
-          f"{n_tokens / elapsed:,.0f} tokens/s); train {splits['train']['tokens']:,} tokens in "
-          f"{splits['train']['examples']:,} examples, val {splits['val']['tokens']:,} tokens in "
-          f"{splits['val']['examples']:,} examples -> {args.out}")
+    if args.val_fraction and not splits["val"]["examples"]:
+        print(f"note: no example fell in the val split (raise --val_fraction above {args.val_fraction})")
     return {"kind": args.kind, "vocab_size": tok.vocab_size, "tokenizer_sha256": tok.sha256,
             "eos_id": tok.eos_id, "pad_id": tok.pad_id, "im_start_id": tok.im_start_id, "im_end_id": tok.im_end_id,
             "splits": splits, "counts": dict(counts), "input_bytes": n_bytes,
@@ -388,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
         prepare(parse_args(argv))
     except NanozhError as e:
         exit_on_user_error(e)
+    except KeyboardInterrupt:
+        sys.exit("prepare: interrupted, nothing written")
 
 
 if __name__ == "__main__":
