@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.loaders import DPOLoader, PretrainLoader, SFTLoader
+from data.loaders import DPOLoader, PretrainLoader, SFTLoader, position
 from data.shards import SplitWriter, write_meta
 from errors import NanozhError
 
@@ -48,6 +48,13 @@ def test_two_ranks_one_micro_step_equal_one_rank_two_micro_steps(pretrain_dir):
         ranks = [loader.get_batch(step, 0, rank, 2, 1)[0] for rank in range(2)]
         micros = [loader.get_batch(step, micro, 0, 1, 2)[0] for micro in range(2)]
         assert all(torch.equal(r, m) for r, m in zip(ranks, micros))
+
+
+def test_positions_follow_the_contract_and_never_repeat():
+    # DEVELOPERS.md: (step * grad_accum + micro_step) * world_size + rank
+    assert position(step=2, micro_step=1, rank=3, world_size=4, grad_accum=3) == 31
+    seen = [position(s, m, r, 4, 3) for s in range(5) for m in range(3) for r in range(4)]
+    assert sorted(seen) == list(range(60))
 
 
 def test_pretrain_windows_are_contiguous_text_with_shifted_targets(pretrain_dir):
