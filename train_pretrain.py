@@ -1,14 +1,19 @@
-"""Pretrain a model from scratch: next-token prediction on the token shards of data/prepare.py.
+"""Pretrain a model: next-token prediction on the token shards of data/prepare.py --kind pretrain.
 
-    python train_pretrain.py --config configs/tiny.json --data data/shards/pretrain --out_dir out/pretrain
+    python train_pretrain.py --config configs/tiny.json --data out/data/pretrain --out_dir out/pretrain
+    python train_pretrain.py --config configs/tiny.json --data DIR --out_dir DIR --resume   # continue where it stopped
     torchrun --standalone --nproc_per_node=8 train_pretrain.py --config configs/100m.json --data DIR --out_dir DIR
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train_pretrain.py ...
-    python train_pretrain.py --config configs/tiny.json --data DIR --out_dir DIR --resume   # continue where it stopped
 
-Settings: the PretrainConfig defaults below, then --config FILE (JSON), then --key=value flags
-(model settings as --model.n_layer=4). Ctrl-C or SIGTERM finishes the current step, saves a
-checkpoint and exits 0; --resume then continues exactly where it stopped (the batch of every step is
-a pure function of the step number). OUT_DIR/latest is a model directory for sample.py and eval.py.
+Settings: the PretrainConfig defaults (trainer.TrainConfig), then --config FILE (JSON), then
+--key=value flags, model settings as --model.n_layer=4; the resolved config is printed and saved in
+every checkpoint. --init_from DIR starts from a model directory instead of random weights.
+
+Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits 0 (torchrun passes a
+SIGTERM on to its workers, then kills them after its shutdown timeout, 30 s by default); --resume
+then continues exactly where it stopped: the batch of every step is a pure function of the step
+number, so the losses are those of a run that was never interrupted. OUT_DIR/latest is a model
+directory for sample.py, eval.py and train_sft.py --init_from.
 """
 
 import math
@@ -56,7 +61,8 @@ def train(cfg: PretrainConfig) -> None:
     tokenizer_path = Path(cfg.data) / "tokenizer.model"
     if not cfg.data or not tokenizer_path.is_file():
         raise user_error(cfg.data or "--data", "not a shard directory with a tokenizer.model",
-                                 "--data DIR written by data/prepare.py --kind pretrain")
+                         "--data DIR written by data/prepare.py --kind pretrain")
+    trainer.check_out_dir(cfg.out_dir, cfg.resume)
     model = trainer.build_model(cfg, tokenizer_path, dist.device)
     block_size = model.config.block_size
     loader = PretrainLoader(cfg.data, "train", block_size, cfg.batch_size, cfg.seed)

@@ -7,7 +7,7 @@ and calls these plain functions around it:
     optimizer = make_optimizer(model, cfg, dist.device)
     lr = lr_at(step, cfg)                              # linear warmup, cosine decay to min_lr
     step, extra = resume(...) / save_checkpoint(...)   # OUT_DIR/step_NNNNNNN/, OUT_DIR/latest
-    loss, stop = reduce_step(dist, loss_sum, stop_flag.requested)
+    loss, norm, stop = reduce_step(dist, loss_sum, grad_norm, stop_flag.requested)   # one all-reduce per step
     logger.log(step, loss=..., lr=...)                 # stdout line + tqdm bar + OUT_DIR/metrics.jsonl
 
 A checkpoint is a model directory (model.safetensors + config.json, what sample.py and eval.py
@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from errors import NanozhError, user_error
 from model import ModelConfig, Transformer, load_model
+from tokenizer.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # config: one dataclass of defaults per script, then a JSON file, then --key=value flags
@@ -122,7 +123,9 @@ def _apply_config_file(cfg, path: str | None) -> None:
     if not isinstance(values, dict):
         raise user_error(path, "a config file must hold one JSON object")
     for key, value in values.items():
-        if key == "model" and isinstance(value, dict):
+        if key == "model":
+            if not isinstance(value, dict):
+                raise user_error(path, '"model" must be an object of model settings', '{"model": {"n_layer": 4}}')
             for sub, v in value.items():
                 _set(cfg, f"model.{sub}", v, path, f"model.{sub}")
         else:
@@ -138,8 +141,8 @@ def _set(cfg, key: str, value, where: str, shown: str) -> None:
             raise _unknown(where, shown, name, list(types_))
         cfg.model[name] = _convert(value, types_[name], where, shown)
         return
-    types_ = {f.name: f.type for f in dataclasses.fields(cfg) if f.name != "model"}
-    types_ = {k: typing.get_type_hints(type(cfg))[k] for k in types_}
+    types_ = typing.get_type_hints(type(cfg))
+    del types_["model"]
     if key not in types_:
         raise _unknown(where, shown, key, list(types_) + ["config"])
     setattr(cfg, key, _convert(value, types_[key], where, shown))
@@ -159,6 +162,8 @@ def _convert(value, typ, where: str, shown: str):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if value is None and typ is not bool:
+        raise user_error(where, f"{shown} needs a value", f"{shown}=VALUE")
     ok = None
     if typ is bool:
         ok = value if isinstance(value, bool) else True if value is None else _BOOLS.get(str(value).lower())
@@ -254,12 +259,16 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScale
 
 def build_model(cfg, tokenizer_path: Path, device: torch.device) -> Transformer:
     """A fresh model from cfg.model with the tokenizer's vocabulary, or the model in cfg.init_from
-    (whose tokenizer must be the data's). Every rank builds the same weights: the seed is shared."""
+    (whose tokenizer must be the data's; of cfg.model only attn_impl and dropout may differ from
+    its config). Every rank builds the same weights: the seed is shared."""
     if cfg.init_from:
-        model = load_model(cfg.init_from)
+        loaded = load_model(cfg.init_from)
         check_same_tokenizer(Path(cfg.init_from) / "tokenizer.model", tokenizer_path)
+        asked = dataclasses.replace(loaded.config, **cfg.model)
+        check_same_model(Path(cfg.init_from) / "config.json", loaded.config, asked, ignore=("attn_impl", "dropout"))
+        model = Transformer(asked)  # with the asked attn_impl and dropout, and the loaded weights
+        model.load_state_dict(loaded.state_dict())
     else:
-        from tokenizer.tokenizer import Tokenizer
         config = ModelConfig.from_dict({**cfg.model, "vocab_size": Tokenizer(tokenizer_path).vocab_size},
                                        where="model settings")
         torch.manual_seed(cfg.seed)
@@ -439,50 +448,57 @@ def check_same_tokenizer(model_tokenizer: Path, data_tokenizer: Path) -> None:
                          "train on data prepared with the model's tokenizer, or start a new --out_dir")
 
 
-def _load_train_state(ckpt: Path, model: Transformer) -> dict:
-    """Weights into `model` and the train state dict of one checkpoint; NanozhError if unreadable."""
-    state_path = ckpt / "train_state.pt"
-    if not state_path.exists():
-        raise user_error(state_path, "missing")
+def _read_checkpoint(ckpt: Path) -> tuple[Transformer, dict]:
+    """The model and train state of one checkpoint directory; NanozhError naming the file if any
+    part is missing or unreadable."""
+    for name in ("tokenizer.model", "train_state.pt"):
+        if not (ckpt / name).is_file():
+            raise user_error(ckpt / name, "missing")
     weights = load_model(ckpt)
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes: torch raises several kinds
-        raise user_error(state_path, f"unreadable ({type(e).__name__})") from None
-    _check_same_model(ckpt, weights.config, model.config)
-    model.load_state_dict(weights.state_dict())
-    return state
+        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip or garbage bytes: torch raises several kinds
+        raise user_error(ckpt / "train_state.pt", f"unreadable, truncated or corrupted ({type(e).__name__})") from None
+    return weights, state
 
 
-def _check_same_model(ckpt: Path, saved: ModelConfig, ours: ModelConfig) -> None:
-    # the attention implementation changes how, not what, is computed: resuming on another is fine
+def check_same_model(config_path: Path, saved: ModelConfig, ours: ModelConfig, ignore=("attn_impl",)) -> None:
+    """A checkpoint of another model is another run, not a damaged one: an error, never skipped."""
     a, b = asdict(saved), asdict(ours)
-    diff = [f"{k} {a[k]} != {b[k]}" for k in a if k != "attn_impl" and a[k] != b.get(k)]
+    diff = [f"{k} {a[k]} != {b[k]}" for k in a if k not in ignore and a[k] != b[k]]
     if diff:
-        raise NanozhError(f"nanozh: {ckpt / 'config.json'}: the checkpoint's model differs from this run's "
-                          f"({', '.join(diff)}): resume with the same model settings, or use a new --out_dir")
+        raise user_error(config_path, f"the checkpoint's model differs from this run's ({', '.join(diff)})",
+                         "resume with the same model settings, or use a new --out_dir")
+
+
+def check_out_dir(out_dir: str, resume: bool) -> None:
+    """A fresh run into a directory of checkpoints would mix two runs (and --resume would later pick
+    the wrong one's newest), so it is refused."""
+    if not resume and _step_dirs(Path(out_dir)):
+        raise user_error(out_dir, "already holds checkpoints", "add --resume to continue that run, or use a new --out_dir")
 
 
 def resume(out_dir: str, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
            tokenizer_path: Path, dist: Dist) -> tuple[int, dict]:
     """Load the newest readable checkpoint in out_dir into model, optimizer, scaler and the RNGs;
-    returns (step, extra). Unreadable checkpoints are reported on stderr and skipped; a checkpoint
-    of another model or tokenizer is an error (a different run, not a damaged one)."""
+    returns (step, extra). Unreadable checkpoints (a disk error, a copy cut short) are reported on
+    stderr and the previous one is used; a checkpoint of another model or tokenizer is an error."""
     dirs = _step_dirs(Path(out_dir))
     if not dirs:
         raise user_error(out_dir, "--resume but no checkpoint here", "check --out_dir, or drop --resume to start fresh")
     for ckpt in dirs:
-        check_same_tokenizer(ckpt / "tokenizer.model", tokenizer_path)
         try:
-            state = _load_train_state(ckpt, model)
+            weights, state = _read_checkpoint(ckpt)
             break
         except NanozhError as e:
-            if "the checkpoint's model differs" in str(e):
-                raise
             if dist.is_main:
-                print(f"{e} -- skipping {ckpt.name}, trying the previous checkpoint", file=sys.stderr)
+                print(f"{e} -- skipping {ckpt.name}, trying the checkpoint before it", file=sys.stderr)
     else:
         raise user_error(out_dir, "no readable checkpoint", "see the messages above; start a new --out_dir")
+    check_same_tokenizer(ckpt / "tokenizer.model", tokenizer_path)
+    # the attention implementation changes how, not what, is computed: resuming on another is fine
+    check_same_model(ckpt / "config.json", weights.config, model.config)
+    model.load_state_dict(weights.state_dict())
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     if len(state["rng"]) == dist.world_size:
@@ -491,7 +507,7 @@ def resume(out_dir: str, model: Transformer, optimizer: torch.optim.Optimizer, s
         if "cuda" in rng and dist.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], dist.device)
     elif dist.is_main:
-        print(f"resuming on {dist.world_size} ranks from a run on {len(state['rng'])}: "
+        print(f"resuming on {dist.world_size} ranks a run saved on {len(state['rng'])}: "
               "random streams (dropout) restart from the seed", file=sys.stderr)
     if dist.is_main:
         print(f"resumed from {ckpt} (step {state['step']})")
@@ -543,22 +559,32 @@ def _fmt(key: str, value) -> str:
     return f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics file; a line cut short by a kill is dropped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
 class Logger:
     """Rank 0's log: a tqdm bar over the steps, a printed line per logged step and one JSON object
     per line in OUT_DIR/metrics.jsonl. On resume, lines past the checkpoint's step (logged by the
-    run that was interrupted, and about to be redone) are dropped, so the file reads as one run."""
+    run that was interrupted, and about to be redone) are dropped, so the file reads as one run; a
+    run starting from step 0 starts the file afresh."""
 
     def __init__(self, out_dir: str, dist: Dist, start_step: int, max_steps: int):
         self.active = dist.is_main
         self.path = Path(out_dir) / "metrics.jsonl"
         if self.active:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.exists():
-                lines = self.path.read_text(encoding="utf-8").splitlines()
-                kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-                os.replace(tmp, self.path)
+            kept = [r for r in _read_jsonl(self.path) if 0 < start_step and r.get("step", 0) <= start_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not self.active, unit="step",
                         dynamic_ncols=True, file=sys.stderr)
 

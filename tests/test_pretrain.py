@@ -163,6 +163,8 @@ def test_sigterm_saves_and_resume_is_bit_exact(shards, straight, tmp_path):
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     stopped = [int(p.name[5:]) for p in out_dir.glob("step_*")]
     assert len(stopped) == 1 and stopped[0] < STEPS
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')  # a line a kill cut short
     train(shards, out_dir, "--resume")
     assert losses(out_dir) == losses(straight)
 
@@ -215,6 +217,19 @@ def test_resume_with_another_model_is_an_error(shards, straight, tmp_path):
         train(shards, out_dir, "--resume", "--model.n_layer=3")
     assert str(e.value).startswith(f"nanozh: {out_dir / 'step_0000008' / 'config.json'}: ")
     assert "n_layer 2 != 3" in str(e.value)
+
+
+def test_fresh_run_into_a_directory_of_checkpoints_is_an_error(shards, straight, tmp_path):
+    out_dir = copy_checkpoint(straight, 8, tmp_path / "run")
+    with pytest.raises(NanozhError, match="already holds checkpoints .add --resume"):
+        train(shards, out_dir)
+
+
+def test_init_from_starts_from_the_model_and_rejects_other_settings(shards, straight, tmp_path):
+    train(shards, tmp_path / "run", f"--init_from={straight / 'latest'}", "--max_steps=1", "--model.attn_impl=naive")
+    assert losses(tmp_path / "run")[1] < losses(straight)[1] - 0.5  # not a random start
+    with pytest.raises(NanozhError, match=r"step_0000012/config.json: the checkpoint's model differs .*n_embd 32 != 64"):
+        train(shards, tmp_path / "other", f"--init_from={straight / 'step_0000012'}", "--model.n_embd=64")
 
 
 def test_bad_flag_prints_one_line_and_exits_1(shards, tmp_path):
