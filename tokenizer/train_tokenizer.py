@@ -1,6 +1,6 @@
 """Train nanozh's sentencepiece BPE tokenizer on pretraining text.
 
-    python tokenizer/train_tokenizer.py --input data/corpus --vocab_size 16000 --out tokenizer
+    python tokenizer/train_tokenizer.py --input data/corpus/pretrain --vocab_size 16000 --out tokenizer
     python tokenizer/train_tokenizer.py --input ../shared/data/pretrain --vocab_size 16000 --out tokenizer
 
 --input takes files or directories in any format data/sources.py reads (.txt, .jsonl, .json,
