@@ -100,7 +100,8 @@ def train(cfg: PretrainConfig) -> None:
 
     if start_step == 0 and cfg.eval_every:
         evaluate(0)
-    step, train_time, timed_steps, loss_value = start_step, 0.0, 0, float("nan")
+    step, stats = start_step, {}
+    train_time, timed_steps, run_time = 0.0, 0, 0.0  # since the last log line, and in all
     x, y = get_batch(step, 0)
     while step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -114,25 +115,27 @@ def train(cfg: PretrainConfig) -> None:
                 with ctx:
                     _, loss = model(x, y)
                     loss = loss / cfg.grad_accum  # the gradient of the mean over micro-steps
-                # fetch the next batch while the device works on this one
-                x, y = get_batch(step + last, 0 if last else micro_step + 1)
+                # fetch the next micro-batch (this step's next, or the next step's first) while the
+                # device works on this one
+                x, y = get_batch(*((step + 1, 0) if last else (step, micro_step + 1)))
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        loss_value, norm_value, stop_now = trainer.reduce_step(dist, loss_sum, norm, stop.requested)
-        trainer.check_finite(loss_value, norm_value, step + 1, cfg.out_dir, dtype)
+        stats, stop_now = trainer.reduce_step(dist, stop.requested, loss=loss_sum, grad_norm=norm)
+        trainer.check_finite(stats["loss"], stats["grad_norm"], step + 1, cfg.out_dir, dtype)
         scaler.step(optimizer)  # skipped by the fp16 scaler if a gradient overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         train_time += time.perf_counter() - t0
+        run_time += time.perf_counter() - t0
         timed_steps += 1
         logger.update()
 
         if step % cfg.log_every == 0 or step == cfg.max_steps or stop_now:
             tok_s = timed_steps * tokens_per_step / train_time
-            logger.log(step, loss=loss_value, lr=lr, grad_norm=norm_value, tok_s=tok_s,
+            logger.log(step, **stats, lr=lr, tok_s=tok_s,
                        mfu=trainer.mfu(flops_per_token, tok_s, dist), mem_gib=trainer.memory_gib(dist.device),
                        ms=1000 * train_time / timed_steps)
             train_time, timed_steps = 0.0, 0
@@ -145,8 +148,8 @@ def train(cfg: PretrainConfig) -> None:
             break
 
     done = step - start_step
-    summary = (f"pretrained {done} steps ({done * tokens_per_step / 1e6:.2f}M tokens) to step {step}, "
-               f"last loss {loss_value:.4f}, model in {Path(cfg.out_dir) / 'latest'}") if done else \
+    summary = (f"pretrained {done} steps ({done * tokens_per_step:,} tokens, {done * tokens_per_step / run_time:,.0f} "
+               f"tokens/s) to step {step}: loss {stats['loss']:.4f}, model in {Path(cfg.out_dir) / 'latest'}") if done else \
         f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
     logger.close(summary)
 

@@ -1,20 +1,30 @@
 """What the three training scripts share, and only that. Each train_*.py keeps its own loop in view
-and calls these plain functions around it:
+and calls these plain functions around it, in about this order:
 
     cfg = parse_config(PretrainConfig, sys.argv[1:])   # dataclass defaults <- --config FILE <- --key=value
-    dist = init_distributed(cfg.device)                # torchrun env: rank, world size, device, NCCL/gloo
+    dist = init_distributed(cfg.device)                # torchrun env: rank, world size, device; NCCL/gloo
     dtype = resolve_dtype(cfg.dtype, dist.device)      # bf16 autocast, fp16 + GradScaler, or fp32
-    optimizer = make_optimizer(model, cfg, dist.device)
-    lr = lr_at(step, cfg)                              # linear warmup, cosine decay to min_lr
-    step, extra = resume(...) / save_checkpoint(...)   # OUT_DIR/step_NNNNNNN/, OUT_DIR/latest
-    loss, norm, stop = reduce_step(dist, loss_sum, grad_norm, stop_flag.requested)   # one all-reduce per step
-    logger.log(step, loss=..., lr=...)                 # stdout line + tqdm bar + OUT_DIR/metrics.jsonl
+    ctx, scaler = autocast(dist.device, dtype), grad_scaler(dist.device, dtype)
+    check_out_dir(cfg.out_dir, cfg.resume)             # a fresh run never mixes into an old one
+    model = build_model(cfg, tokenizer_path, dist.device)   # random init, or --init_from DIR
+    optimizer = make_optimizer(model, cfg, dist.device)     # AdamW, decay on matrices only
+    step, extra = resume(cfg.out_dir, model, optimizer, scaler, tokenizer_path, dist)   # --resume
+    logger, stop = Logger(...), StopFlag(...)          # tqdm + log lines + metrics.jsonl; SIGINT/SIGTERM
+    loop:  set_lr(optimizer, lr_at(step, cfg))         # linear warmup, cosine decay to min_lr
+           ... micro-steps, clip ...
+           stats, stop_now = reduce_step(dist, stop.requested, loss=loss_sum, grad_norm=norm)
+           check_finite(stats["loss"], stats["grad_norm"], step, cfg.out_dir, dtype)
+           ... optimizer step ...
+           logger.log(step, **stats, lr=lr, tok_s=..., mfu=mfu(...), mem_gib=memory_gib(...))
+           save_checkpoint(cfg.out_dir, step, model, optimizer, scaler, cfg, tokenizer_path, dist)
 
 A checkpoint is a model directory (model.safetensors + config.json, what sample.py and eval.py
 load) plus tokenizer.model, train_config.json and train_state.pt (optimizer, GradScaler, step, RNG
 states of every rank). It is written into OUT_DIR/.tmp_step_NNNNNNN, fsync'd, renamed into place
 and only then pointed to by the `latest` symlink, so a run killed at any moment (even kill -9
 during a save) leaves the previous checkpoints whole, and --resume never sees a half-written one.
+Rank 0 writes checkpoints and every rank reads them on resume, so on several nodes OUT_DIR must be
+on storage they all see.
 """
 
 import dataclasses
@@ -301,17 +311,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # one small collective per step: the mean loss, and whether any rank was asked to stop
 
 
-def reduce_step(dist: Dist, loss_sum: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool
-                ) -> tuple[float, float, bool]:
-    """(loss, grad norm) averaged over ranks, and whether any rank got SIGINT/SIGTERM, in one small
-    all-reduce per step. That is what lets all ranks agree to stop after the same step (a signal
-    may reach only some of them) and see the same NaN, at the cost of one sync per step."""
-    flag = torch.tensor(float(stop_requested), device=loss_sum.device)
-    t = torch.stack([loss_sum.detach().float(), grad_norm.detach().float(), flag])
+def reduce_step(dist: Dist, stop_requested: bool, **values: torch.Tensor) -> tuple[dict[str, float], bool]:
+    """Each scalar in `values` (loss, grad_norm, ...) averaged over ranks, and whether any rank got
+    SIGINT/SIGTERM, in one small all-reduce per step. That is what lets all ranks agree to stop
+    after the same step (a signal may reach only some of them) and all see the same NaN, at the
+    cost of one sync per step."""
+    device = next(iter(values.values())).device
+    flag = torch.tensor(float(stop_requested), device=device)
+    t = torch.stack([v.detach().float() for v in values.values()] + [flag])
     if dist.ddp:
         torch_dist.all_reduce(t)
-    loss, norm, stops = t.tolist()
-    return loss / dist.world_size, norm / dist.world_size, stops > 0
+    *means, stops = t.tolist()
+    return {k: m / dist.world_size for k, m in zip(values, means)}, stops > 0
 
 
 def check_finite(loss: float, grad_norm: float, step: int, out_dir: str, dtype: torch.dtype) -> None:
