@@ -264,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", required=True, help="tokenizer.model (or a directory holding one)")
     p.add_argument("--out", required=True, help="shard directory to write (replaced if it exists)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that clean and tokenize (1: none, all in this one)")
-    p.add_argument("--val_fraction", type=float, default=0.005, help="share of documents held out, by hash")
+    p.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out, by hash")
     p.add_argument("--max_len", type=int, default=512, help="sft/dpo: most tokens per example")
     p.add_argument("--max_shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
@@ -279,7 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--near_threshold", type=float, default=c.near_threshold, help="MinHash Jaccard of a near duplicate")
     args = p.parse_args(argv)
     if not 0 <= args.val_fraction < 1:
-        raise user_error("--val_fraction", f"{args.val_fraction} is not in [0, 1)", "e.g. 0.005")
+        raise user_error("--val_fraction", f"{args.val_fraction} is not in [0, 1)", "e.g. 0.01")
     if not 0 < args.near_threshold <= 1:
         raise user_error("--near_threshold", f"{args.near_threshold} is not in (0, 1]", "e.g. 0.8")
     for name in ("workers", "max_len", "max_shard_tokens"):
