@@ -4,6 +4,7 @@ a bad input gets (one line, nothing left behind)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from data.prepare import main
 from data.shards import open_shards, read_meta
 from tokenizer.tokenizer import Tokenizer
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = str(ROOT / "tokenizer" / "tokenizer.model")
 HAN = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做必战先回则任取据处府研质信门"
 
@@ -139,7 +140,8 @@ def test_dpo_end_to_end_spans_and_drops(tmp_path, capsys):
 
 def assert_one_line_error(result, prefix):
     assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith(prefix), result.stderr
-    assert "Traceback" not in result.stderr and [l for l in result.stderr.splitlines() if l.startswith("nanozh:")] == [result.stderr.splitlines()[-1]]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nanozh:")]
+    assert "Traceback" not in result.stderr and errors == [result.stderr.splitlines()[-1]]
 
 
 def test_malformed_line_with_strict_is_one_line_error_and_leaves_nothing(tmp_path):
