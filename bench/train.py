@@ -8,8 +8,9 @@ sync, progress bar or logging), so that what the trainer adds shows as its overh
     python bench/train.py --presets 26m,100m --attn triton,sdpa --compile 0,1 --batch_size 16   # a GPU
 
 Each measurement runs in its own process (peak memory and compile caches are per variant) on
-random tokens (speed does not depend on the text), timing --steps steps after --warmup steps; with
---repeats the best of the repeats is kept (on a busy machine the best is the least disturbed).
+random tokens (speed does not depend on the text) and times each of --steps steps after --warmup
+steps; tokens/s comes from the median step time, and with --repeats the best repeat is kept (on a
+busy, shared machine the median and the best are the least disturbed numbers).
 MFU = Transformer.flops_per_token x tokens/s / the GPU's dense bf16 peak (trainer.PEAK_TFLOPS);
 there is no meaningful peak for a CPU, so it prints n/a there.
 """
@@ -57,9 +58,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def trainer_loop(spec: dict, model_flags: list[str]) -> float:
-    """Seconds for spec["steps"] steps of train_pretrain.train, from the end of the warmup steps.
-    The clock reads at each step's progress-bar update, so everything the loop does counts."""
+def trainer_loop(spec: dict, model_flags: list[str]) -> list[float]:
+    """Seconds per step of train_pretrain.train after the warmup steps. The clock reads at each
+    step's progress-bar update, so everything the loop does counts."""
     stamps = []
     update = trainer.Logger.update
     trainer.Logger.update = lambda self, steps=1: (stamps.append(time.perf_counter()), update(self, steps))
@@ -69,16 +70,18 @@ def trainer_loop(spec: dict, model_flags: list[str]) -> float:
             f"--max_steps={spec['warmup'] + spec['steps']}", "--eval_every=0", "--save_every=1000000000",
             f"--device={spec['device']}", f"--dtype={spec['dtype']}", f"--compile={spec['compile']}"])
         train(cfg)
-    return stamps[-1] - stamps[spec["warmup"] - 1]
+    return list(np.diff(stamps[spec["warmup"] - 1:]))
 
 
-def bare_loop(spec: dict, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> float:
+def bare_loop(spec: dict, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> list[float]:
+    """Seconds per step of the bare loop after the warmup steps."""
     torch.manual_seed(0)
     model = Transformer(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if spec["compile"] else model
     x, y = (torch.randint(6, VOCAB, (spec["batch_size"], config.block_size), device=device) for _ in range(2))
     ctx = trainer.autocast(device, dtype)
+    stamps = []
     for i in range(spec["warmup"] + spec["steps"]):
         if i == spec["warmup"]:
             sync(device)
@@ -88,8 +91,11 @@ def bare_loop(spec: dict, config: ModelConfig, device: torch.device, dtype: torc
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
     sync(device)
-    return time.perf_counter() - t0
+    if device.type == "cuda":  # the bare loop never waits for the GPU: only the mean step is timed
+        return [(time.perf_counter() - t0) / spec["steps"]] * spec["steps"]
+    return list(np.diff(stamps[spec["warmup"] - 1:]))
 
 
 def child(spec: dict) -> dict:
@@ -104,9 +110,9 @@ def child(spec: dict) -> dict:
     model_flags = [f"--model.{k}={v}" for k, v in model_settings.items() if k != "vocab_size"]
     dist = trainer.init_distributed(spec["device"])
     dtype = trainer.resolve_dtype(spec["dtype"], dist.device)
-    seconds = (trainer_loop(spec, model_flags) if spec["loop"] == "trainer"
-               else bare_loop(spec, config, dist.device, dtype))
-    tok_s = spec["steps"] * spec["batch_size"] * config.block_size / seconds
+    step_times = (trainer_loop(spec, model_flags) if spec["loop"] == "trainer"
+                  else bare_loop(spec, config, dist.device, dtype))
+    tok_s = spec["batch_size"] * config.block_size / float(np.median(step_times))
     with torch.device("meta"):
         flops_per_token = Transformer(config).flops_per_token(config.block_size)
     return {"tok_s": tok_s, "mfu": trainer.mfu(flops_per_token, tok_s, dist), "mem_gib": trainer.memory_gib(dist.device),
@@ -177,8 +183,8 @@ def main() -> None:
               f"{r['tok_s']:,.0f} | {mfu} | {r['mem_gib']:.2f} GiB | {overhead} |")
     device = next((r["device"] for _, r in best.items() if "device" in r), "?")
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"\n{device} ({name}), torch {torch.__version__}; {args.steps} timed steps after {args.warmup}, best of "
-          f"{args.repeats}; peak mem = max CUDA allocated, or the process's max RSS on the CPU")
+    print(f"\n{device} ({name}), torch {torch.__version__}; median of {args.steps} steps after {args.warmup}, "
+          f"best of {args.repeats}; peak mem = max CUDA allocated, or the process's max RSS on the CPU")
     print("command: python bench/train.py " + " ".join(sys.argv[1:]))
 
 

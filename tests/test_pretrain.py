@@ -3,7 +3,7 @@ lowers the validation loss; torchrun with 2 ranks computes the losses of 1 rank 
 resuming (after a plain stop, SIGTERM or kill -9, past corrupted and half-written checkpoints)
 repeats the uninterrupted run bit for bit; bad configs and runs stop with one line.
 
-Every run uses a 2-layer, 64-wide model on shards prepared once from a slice of the bundled corpus.
+Every run trains a 2-layer, 32-wide model on shards prepared once from a slice of the bundled corpus.
 """
 
 import json
@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import train_pretrain
 import trainer
 from data.prepare import main as prepare_main
 from errors import NanozhError
 from model import ModelConfig, Transformer, load_model
-import train_pretrain
 from train_pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,8 +82,10 @@ def start(shards: Path, out_dir: Path, *flags: str) -> subprocess.Popen:
 
 
 def metrics(out_dir: Path) -> list[dict]:
+    """metrics.jsonl's records; while a run is writing it the last line may not be complete yet."""
     path = out_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
 
 
 def losses(out_dir: Path) -> dict[int, float]:
@@ -279,6 +281,7 @@ def test_config_precedence_is_defaults_then_file_then_flags(tmp_path):
     (["--lr=fast"], "nanozh: command line: --lr='fast' is not a valid float"),
     (["--model.n_layers=4"], "nanozh: command line: unknown config key '--model.n_layers' (did you mean --model.n_layer?)"),
     (["data"], "nanozh: command line: unexpected argument 'data' (flags are --key=value)"),
+    (["--lr", "--resume"], "nanozh: command line: --lr needs a value (--lr=VALUE)"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message):
     with pytest.raises(NanozhError) as e:
