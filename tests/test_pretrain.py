@@ -143,6 +143,7 @@ def test_torchrun_two_ranks_match_one_rank_with_two_micro_steps(shards, straight
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=THREADS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 1 | loss") == 1  # only rank 0 logs
+    assert len([m for m in metrics(tmp_path / "ddp") if "loss" in m]) == STEPS
     ddp, single = losses(tmp_path / "ddp"), losses(straight)
     assert sorted(ddp) == sorted(single)
     assert max(abs(ddp[s] - single[s]) for s in single) < 1e-5, (ddp, single)
