@@ -148,9 +148,10 @@ def train(cfg: PretrainConfig) -> None:
             break
 
     done = step - start_step
-    summary = (f"pretrained {done} steps ({done * tokens_per_step:,} tokens, {done * tokens_per_step / run_time:,.0f} "
-               f"tokens/s) to step {step}: loss {stats['loss']:.4f}, model in {Path(cfg.out_dir) / 'latest'}") if done else \
-        f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
+    summary = f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
+    if done:
+        summary = (f"pretrained {done} steps ({done * tokens_per_step:,} tokens, {done * tokens_per_step / run_time:,.0f}"
+                   f" tokens/s) to step {step}: loss {stats['loss']:.4f}, model in {Path(cfg.out_dir) / 'latest'}")
     logger.close(summary)
 
 

@@ -275,7 +275,8 @@ def build_model(cfg, tokenizer_path: Path, device: torch.device) -> Transformer:
         loaded = load_model(cfg.init_from)
         check_same_tokenizer(Path(cfg.init_from) / "tokenizer.model", tokenizer_path)
         asked = dataclasses.replace(loaded.config, **cfg.model)
-        check_same_model(Path(cfg.init_from) / "config.json", loaded.config, asked, ignore=("attn_impl", "dropout"))
+        check_same_model(Path(cfg.init_from) / "config.json", loaded.config, asked, ignore=("attn_impl", "dropout"),
+                         fix="leave out model settings other than attn_impl and dropout: they come from --init_from")
         model = Transformer(asked)  # with the asked attn_impl and dropout, and the loaded weights
         model.load_state_dict(loaded.state_dict())
     else:
@@ -453,7 +454,8 @@ def file_sha256(path: Path) -> str:
 
 def check_same_tokenizer(model_tokenizer: Path, data_tokenizer: Path) -> None:
     if not model_tokenizer.exists():
-        raise user_error(model_tokenizer, "no tokenizer.model beside the model", "copy the tokenizer it was trained with here")
+        raise user_error(model_tokenizer, "no tokenizer.model beside the model",
+                         "copy the tokenizer it was trained with here")
     if file_sha256(model_tokenizer) != file_sha256(data_tokenizer):
         raise user_error(model_tokenizer, f"the model was trained with a different tokenizer than {data_tokenizer}",
                          "train on data prepared with the model's tokenizer, or start a new --out_dir")
@@ -473,20 +475,21 @@ def _read_checkpoint(ckpt: Path) -> tuple[Transformer, dict]:
     return weights, state
 
 
-def check_same_model(config_path: Path, saved: ModelConfig, ours: ModelConfig, ignore=("attn_impl",)) -> None:
+def check_same_model(config_path: Path, saved: ModelConfig, ours: ModelConfig, ignore: tuple = ("attn_impl",),
+                     fix: str = "resume with the model settings it was saved with, or use a new --out_dir") -> None:
     """A checkpoint of another model is another run, not a damaged one: an error, never skipped."""
     a, b = asdict(saved), asdict(ours)
     diff = [f"{k} {a[k]} != {b[k]}" for k in a if k not in ignore and a[k] != b[k]]
     if diff:
-        raise user_error(config_path, f"the checkpoint's model differs from this run's ({', '.join(diff)})",
-                         "resume with the same model settings, or use a new --out_dir")
+        raise user_error(config_path, f"the checkpoint's model differs from this run's ({', '.join(diff)})", fix)
 
 
 def check_out_dir(out_dir: str, resume: bool) -> None:
     """A fresh run into a directory of checkpoints would mix two runs (and --resume would later pick
     the wrong one's newest), so it is refused."""
     if not resume and _step_dirs(Path(out_dir)):
-        raise user_error(out_dir, "already holds checkpoints", "add --resume to continue that run, or use a new --out_dir")
+        raise user_error(out_dir, "already holds checkpoints",
+                         "add --resume to continue that run, or use a new --out_dir")
 
 
 def resume(out_dir: str, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
