@@ -19,7 +19,7 @@ included): pc, pr for the policy, rc, rr for the reference. Then
 The policy is pushed to raise the chosen answer and lower the rejected one *relative to the
 reference*; beta sets how far it may drift from it (small beta: far). beta * (pc - rc) is the
 "implicit reward" of the chosen answer (likewise for the rejected one); logged are the mean rewards,
-their margin, the reward accuracy (the share of pairs whose chosen reward is the higher) and the
+their margin, the reward accuracy (the share of pairs whose chosen reward is strictly the higher) and the
 policy's mean log-prob of each answer (a chosen log-prob that keeps falling is a known DPO failure:
 both answers lose probability, the rejected one faster). --label_smoothing=eps is conservative DPO:
 it assumes a share eps of the labels are flipped, -(1-eps)*logsigmoid(beta*z) - eps*logsigmoid(-beta*z),
@@ -54,8 +54,8 @@ import trainer
 from data.loaders import DPOLoader, position
 from data.shards import read_meta
 from errors import NanozhError, exit_on_user_error, user_error
-from model import Transformer, load_model
-from train_sft import check_data_tokenizer, check_model_settings, max_steps_for
+from model import Transformer
+from train_sft import check_data_tokenizer, max_steps_for
 
 
 @dataclass
@@ -75,6 +75,10 @@ class DPOConfig(trainer.TrainConfig):
     eval_every: int = 100
     save_every: int = 250
     eval_batches: int = 20        # validation batches scored at each evaluation (the same ones each time)
+
+
+# what each step logs besides grad_norm, lr and speed: means over the step's pairs on all ranks
+STEP_STATS = ("loss", "reward_acc", "chosen_reward", "rejected_reward", "margin", "logp_chosen", "logp_rejected")
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -143,10 +147,10 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
     dtype = trainer.resolve_dtype(cfg.dtype, dist.device)
     ctx = trainer.autocast(dist.device, dtype)
     tokenizer_path = check_data_tokenizer(cfg.data, cfg.init_from, "dpo")
+    trainer.check_out_dir(cfg.out_dir, cfg.resume)
     model = trainer.build_model(cfg, tokenizer_path, dist.device)
-    check_model_settings(cfg, model)
-    # the reference: the same start model, frozen; its dropout (if any) is off
-    reference = load_model(cfg.init_from, device=dist.device).eval().requires_grad_(False)
+    # the reference: the same start model, frozen; eval mode turns its dropout (if any) off
+    reference = trainer.build_model(cfg, tokenizer_path, dist.device).eval().requires_grad_(False)
     block_size = model.config.block_size
     loader = DPOLoader(cfg.data, "train", cfg.batch_size, cfg.seed, max_len=block_size)
     has_val = read_meta(cfg.data, "dpo")["splits"]["val"]["examples"] > 0
@@ -234,18 +238,16 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
 
     if start_step == 0 and cfg.eval_every:
         evaluate(0)
-    step, train_time, timed_steps, loss_value = start_step, 0.0, 0, float("nan")
+    step, stats = start_step, {}
+    train_time, timed_steps, run_time, positions, total_positions = 0.0, 0, 0.0, 0, 0  # since the last log line, in all
     # the policy's forward and backward, plus the reference's forward (a third of that) when it runs
     flops_per_token = raw_model.flops_per_token(block_size) * (1 if cfg.precompute_ref else 4 / 3)
-    # since the last log line: summed per-step means of reward accuracy, chosen and rejected rewards,
-    # and the policy's log-probs of chosen and rejected; and the positions computed
-    logged, positions = torch.zeros(5, device=dist.device), 0
     x, y, mask, ref = train_batch(step, 0)
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         lr = trainer.lr_at(step, cfg)
         trainer.set_lr(optimizer, lr)
-        loss_sum = torch.zeros((), device=dist.device)
+        sums = torch.zeros(len(STEP_STATS), device=dist.device)  # means over the step's micro-batches
         for micro_step in range(cfg.grad_accum):
             # gradients are all-reduced across ranks only after the last micro-step
             last = micro_step == cfg.grad_accum - 1
@@ -259,32 +261,28 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
                 # fetch the next batch while the device works on this one
                 x, y, mask, ref = train_batch(step + last, 0 if last else micro_step + 1)
                 scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            logged += torch.stack([(chosen > rejected).float().mean(), chosen.mean(), rejected.mean(),
-                                   pc.detach().mean(), pr.detach().mean()]) / cfg.grad_accum
+            sums += torch.stack([losses.mean(), (chosen > rejected).float().mean(), chosen.mean(), rejected.mean(),
+                                 (chosen - rejected).mean(), pc.mean(), pr.mean()]).detach() / cfg.grad_accum
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        loss_value, norm_value, stop_now = trainer.reduce_step(dist, loss_sum, norm, stop.requested)
-        trainer.check_finite(loss_value, norm_value, step + 1, cfg.out_dir, dtype)
+        stats, stop_now = trainer.reduce_step(dist, stop.requested, **dict(zip(STEP_STATS, sums)), grad_norm=norm)
+        trainer.check_finite(stats["loss"], stats["grad_norm"], step + 1, cfg.out_dir, dtype)
         scaler.step(optimizer)  # skipped by the fp16 scaler if a gradient overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         train_time += time.perf_counter() - t0
+        run_time += time.perf_counter() - t0
         timed_steps += 1
         logger.update()
 
         if step % cfg.log_every == 0 or step == cfg.max_steps or stop_now:
-            if dist.ddp:
-                torch_dist.all_reduce(logged)
-            acc, chosen_r, rejected_r, logp_c, logp_r = (logged / (timed_steps * dist.world_size)).tolist()
             tok_s = positions * dist.world_size / train_time
-            logger.log(step, loss=loss_value, lr=lr, grad_norm=norm_value, reward_acc=acc, chosen_reward=chosen_r,
-                       rejected_reward=rejected_r, margin=chosen_r - rejected_r, logp_chosen=logp_c,
-                       logp_rejected=logp_r, tok_s=tok_s, mfu=trainer.mfu(flops_per_token, tok_s, dist),
-                       mem_gib=trainer.memory_gib(dist.device), ms=1000 * train_time / timed_steps)
+            logger.log(step, **stats, lr=lr, tok_s=tok_s,
+                       mfu=trainer.mfu(flops_per_token, tok_s, dist), mem_gib=trainer.memory_gib(dist.device),
+                       ms=1000 * train_time / timed_steps)
+            total_positions += positions
             train_time, timed_steps, positions = 0.0, 0, 0
-            logged.zero_()
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             evaluate(step)
         if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
@@ -295,8 +293,10 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
 
     done = step - start_step
     epochs = step * cfg.grad_accum * dist.world_size / loader.n_batches
-    summary = (f"DPO {done} steps to step {step} ({epochs:.2f} epochs of {len(loader.lengths):,} pairs), "
-               f"last loss {loss_value:.4f}, model in {Path(cfg.out_dir) / 'latest'}") if done else \
+    summary = (f"DPO {done} steps ({done * cfg.batch_size * cfg.grad_accum * dist.world_size:,} pairs, "
+               f"{total_positions * dist.world_size / run_time:,.0f} positions/s) to step {step} = {epochs:.2f} epochs "
+               f"of {len(loader.lengths):,} pairs: loss {stats['loss']:.4f}, reward accuracy {stats['reward_acc']:.3f}, "
+               f"model in {Path(cfg.out_dir) / 'latest'}") if done else \
         f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
     logger.close(summary)
     return raw_model, reference, optimizer

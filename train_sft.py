@@ -6,8 +6,9 @@
 
 --data is a shard directory of data/prepare.py --kind sft, made with the model's own tokenizer.
 Settings, checkpoints, resume, Ctrl-C/SIGTERM, logging and torchrun work as in train_pretrain.py;
-the model's shape comes from --init_from (a --model.key flag must agree with it). OUT_DIR/latest is
-a chat model directory for sample.py --chat, eval.py and train_dpo.py --init_from.
+the model comes from --init_from (of the --model.key settings only attn_impl and dropout may
+differ from it). OUT_DIR/latest is a chat model directory for sample.py --chat, eval.py and
+train_dpo.py --init_from.
 
 What the model learns: each conversation is rendered with the one chat template
 (Tokenizer.render_chat), and only the tokens the assistant writes carry loss: the content of every
@@ -46,7 +47,6 @@ import trainer
 from data.loaders import SFTLoader
 from data.shards import read_meta
 from errors import NanozhError, exit_on_user_error, user_error
-from model import Transformer
 from tokenizer.tokenizer import Tokenizer
 
 
@@ -88,15 +88,6 @@ def check_data_tokenizer(data: str, init_from: str, kind: str) -> Path:
     return data_tok_path
 
 
-def check_model_settings(cfg: trainer.TrainConfig, model: Transformer) -> None:
-    """--model.key flags (or a preset's "model" section) must describe the model being fine-tuned."""
-    have = model.config.to_dict()
-    diff = [f"{k} {v!r} != {have[k]!r}" for k, v in cfg.model.items() if have[k] != v]
-    if diff:
-        raise user_error(Path(cfg.init_from) / "config.json", f"model settings differ from the model being "
-                         f"fine-tuned ({', '.join(diff)})", "drop them: the model's shape comes from --init_from")
-
-
 def max_steps_for(epochs: float, batches_per_epoch: int, cfg: trainer.TrainConfig, dist: trainer.Dist) -> int:
     return max(1, math.ceil(epochs * batches_per_epoch / (cfg.grad_accum * dist.world_size)))
 
@@ -122,8 +113,8 @@ def train(cfg: SFTConfig) -> None:
     dtype = trainer.resolve_dtype(cfg.dtype, dist.device)
     ctx = trainer.autocast(dist.device, dtype)
     tokenizer_path = check_data_tokenizer(cfg.data, cfg.init_from, "sft")
+    trainer.check_out_dir(cfg.out_dir, cfg.resume)
     model = trainer.build_model(cfg, tokenizer_path, dist.device)
-    check_model_settings(cfg, model)
     block_size = model.config.block_size
     loader = SFTLoader(cfg.data, "train", cfg.batch_size, cfg.seed, max_len=block_size)
     has_val = read_meta(cfg.data, "sft")["splits"]["val"]["examples"] > 0
@@ -182,8 +173,10 @@ def train(cfg: SFTConfig) -> None:
 
     if start_step == 0 and cfg.eval_every:
         evaluate(0)
-    step, train_time, timed_steps, loss_value = start_step, 0.0, 0, float("nan")
+    step, stats = start_step, {}
+    train_time, timed_steps, run_time = 0.0, 0, 0.0  # since the last log line, and in all
     logged = torch.zeros(3, dtype=torch.float64, device=dist.device)  # counts since the last log line
+    total = torch.zeros(3, dtype=torch.float64, device=dist.device)  # counts in all
     flops_per_token = raw_model.flops_per_token(block_size)  # an upper bound: most rows are shorter
     batches, counts = get_step(step)
     while step < cfg.max_steps:
@@ -209,23 +202,26 @@ def train(cfg: SFTConfig) -> None:
         batches, counts = next_batches, next_counts
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        loss_value, norm_value, stop_now = trainer.reduce_step(dist, loss_sum, norm, stop.requested)
-        trainer.check_finite(loss_value, norm_value, step + 1, cfg.out_dir, dtype)
+        # each rank's loss_sum is world_size x its share of the step's mean: the average is the mean
+        stats, stop_now = trainer.reduce_step(dist, stop.requested, loss=loss_sum, grad_norm=norm)
+        trainer.check_finite(stats["loss"], stats["grad_norm"], step + 1, cfg.out_dir, dtype)
         scaler.step(optimizer)  # skipped by the fp16 scaler if a gradient overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         train_time += time.perf_counter() - t0
+        run_time += time.perf_counter() - t0
         timed_steps += 1
         logger.update()
 
         if step % cfg.log_every == 0 or step == cfg.max_steps or stop_now:
             n_loss, positions, padding = logged.tolist()
             tok_s = positions / train_time  # computed positions, padding included: what the device did
-            logger.log(step, loss=loss_value, lr=lr, grad_norm=norm_value, pad=padding / positions,
-                       loss_tokens=int(n_loss), tok_s=tok_s, mfu=trainer.mfu(flops_per_token, tok_s, dist),
-                       mem_gib=trainer.memory_gib(dist.device), ms=1000 * train_time / timed_steps)
+            logger.log(step, **stats, lr=lr, pad=padding / positions, loss_tokens=int(n_loss), tok_s=tok_s,
+                       mfu=trainer.mfu(flops_per_token, tok_s, dist), mem_gib=trainer.memory_gib(dist.device),
+                       ms=1000 * train_time / timed_steps)
             train_time, timed_steps = 0.0, 0
+            total += logged
             logged.zero_()
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             evaluate(step)
@@ -236,9 +232,12 @@ def train(cfg: SFTConfig) -> None:
             break
 
     done = step - start_step
+    n_loss, positions, padding = total.tolist()
     epochs = step * cfg.grad_accum * dist.world_size / loader.n_batches
-    summary = (f"fine-tuned {done} steps to step {step} ({epochs:.2f} epochs of {len(loader.lengths):,} "
-               f"conversations), last loss {loss_value:.4f}, model in {Path(cfg.out_dir) / 'latest'}") if done else \
+    summary = (f"fine-tuned {done} steps ({int(n_loss):,} assistant tokens in {int(positions):,} positions, "
+               f"{padding / max(positions, 1):.1%} padding, {positions / run_time:,.0f} positions/s) to step {step} "
+               f"= {epochs:.2f} epochs of {len(loader.lengths):,} conversations: loss {stats['loss']:.4f}, "
+               f"model in {Path(cfg.out_dir) / 'latest'}") if done else \
         f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
     logger.close(summary)
 

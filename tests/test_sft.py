@@ -163,7 +163,7 @@ def test_resume_is_bit_exact(eight, init_model, tmp_path):
     """Both runs leave max_steps to --epochs: 4 passes over 8 examples, 4 per step, are 8 steps."""
     flags = ("--max_steps=0", "--epochs=4", "--batch_size=4", "--save_every=4")
     straight = tmp_path / "straight"
-    assert "(4.00 epochs of 8 conversations)" in train(eight, init_model, straight, *flags).stdout
+    assert "= 4.00 epochs of 8 conversations" in train(eight, init_model, straight, *flags).stdout
     out_dir = tmp_path / "resumed"
     out_dir.mkdir()
     shutil.copytree(straight / "step_0000004", out_dir / "step_0000004")
@@ -191,7 +191,7 @@ def test_data_from_another_tokenizer_is_a_one_line_error(init_model, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     ([], "--init_from is required"),
-    (["--model.n_layer=3"], "model settings differ from the model being fine-tuned (n_layer 3 != 2)"),
+    (["--model.n_layer=3"], "config.json: the checkpoint's model differs from this run's (n_layer 2 != 3)"),
 ])
 def test_missing_init_from_or_another_model_shape_is_an_error(eight, init_model, tmp_path, flags, message):
     init = [] if not flags else [f"--init_from={init_model}"]
