@@ -29,7 +29,9 @@ The reference is the --init_from model in eval mode, requires_grad_(False), run 
 torch.no_grad() and never given to the optimizer. With --precompute_ref its log-probs are computed
 once, for every example of the train and val splits, kept in memory (a resumed run computes them
 again), and the reference model is freed: one forward pass over the data up front, then each step
-runs only the policy, and only one model's weights occupy memory.
+runs only the policy, and only one model's weights occupy memory. That pays off for runs of more
+than one epoch, or when the second model does not fit; for a fraction of an epoch the live
+reference does less work.
 
 Chosen and rejected answers go through the model in one forward: the loader gives B prompt+chosen
 rows followed by B prompt+rejected rows. Each micro-step holds the same number of pairs, so the mean

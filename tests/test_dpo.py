@@ -60,8 +60,8 @@ def init_model(tmp_path_factory) -> Path:
     return out
 
 
-def train(data: Path, init: Path, out_dir: Path, *flags: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train_dpo.py"), *FLAGS, f"--data={data}", f"--init_from={init}",
+def train(data: Path, init: Path, out_dir: Path, *flags: str, launcher: tuple = ()) -> subprocess.CompletedProcess:
+    cmd = [*(launcher or [sys.executable]), str(ROOT / "train_dpo.py"), *FLAGS, f"--data={data}", f"--init_from={init}",
            f"--out_dir={out_dir}", *flags]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -149,6 +149,21 @@ def test_precomputed_reference_gives_the_same_losses(data, init_model, straight,
     live_val, pre_val = metrics(straight, "val_loss"), metrics(tmp_path / "run", "val_loss")
     for s in live_val:
         assert pre_val[s]["val_loss"] == pytest.approx(live_val[s]["val_loss"], abs=1e-6), s
+
+
+def test_two_ranks_with_precomputed_reference_match_one_rank_with_two_micro_steps(data, init_model, tmp_path):
+    """Each rank computes part of the reference table and the parts are summed over ranks."""
+    one = tmp_path / "one"
+    train(data, init_model, one, "--batch_size=2", "--grad_accum=2", "--max_steps=6")
+    two = tmp_path / "two"
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    train(data, init_model, two, "--batch_size=2", "--max_steps=6", "--precompute_ref", launcher=launcher)
+    for key in ("loss", "val_loss"):
+        a, b = metrics(one, key), metrics(two, key)
+        assert sorted(a) == sorted(b) and len(a) >= 2
+        for s in a:
+            assert b[s][key] == pytest.approx(a[s][key], abs=1e-6), (key, s)
+            assert b[s].get("reward_acc") == a[s].get("reward_acc")
 
 
 def test_resume_is_bit_exact(data, init_model, straight, tmp_path):
