@@ -157,6 +157,7 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
     loader = DPOLoader(cfg.data, "train", cfg.batch_size, cfg.seed, max_len=block_size)
     has_val = read_meta(cfg.data, "dpo")["splits"]["val"]["examples"] > 0
     val_loader = DPOLoader(cfg.data, "val", cfg.batch_size, cfg.seed, max_len=block_size) if has_val else None
+    epochs_per_step = cfg.grad_accum * dist.world_size / loader.n_batches
     if cfg.max_steps == 0:
         cfg.max_steps = max_steps_for(cfg.epochs, loader.n_batches, cfg, dist)
     optimizer = trainer.make_optimizer(model, cfg, dist.device)  # the policy's parameters only
@@ -171,10 +172,10 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
         n_cut = int((loader.lengths > block_size + 1).sum())
         print(f"{model.num_params() / 1e6:.2f}M parameters from {cfg.init_from} (policy and reference), "
               f"{dist.world_size} rank(s) on {dist.device}, {dtype}; {len(loader.lengths):,} train pairs, "
-              f"{cfg.max_steps} steps = {cfg.max_steps * cfg.grad_accum * dist.world_size / loader.n_batches:.2f} epochs")
+              f"{cfg.max_steps} steps = {cfg.max_steps * epochs_per_step:.2f} epochs")
         if n_cut:
             print(f"{n_cut:,} pairs are longer than block_size {block_size} and are cut there: only the answer "
-                  "tokens that fit are scored (prepare with a smaller --max_len to drop them instead)")
+                  f"tokens that fit are scored (prepare with --max_len {block_size} to drop them instead)")
         if not has_val:
             print("the val split is empty: no validation metrics (prepare with a larger --val_fraction)")
     tables = {}
@@ -294,12 +295,13 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
             break
 
     done = step - start_step
-    epochs = step * cfg.grad_accum * dist.world_size / loader.n_batches
-    summary = (f"DPO {done} steps ({done * cfg.batch_size * cfg.grad_accum * dist.world_size:,} pairs, "
-               f"{total_positions * dist.world_size / run_time:,.0f} positions/s) to step {step} = {epochs:.2f} epochs "
-               f"of {len(loader.lengths):,} pairs: loss {stats['loss']:.4f}, reward accuracy {stats['reward_acc']:.3f}, "
-               f"model in {Path(cfg.out_dir) / 'latest'}") if done else \
-        f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
+    summary = f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
+    if done:
+        pairs = done * cfg.batch_size * cfg.grad_accum * dist.world_size
+        summary = (f"DPO {done} steps ({pairs:,} pairs, {total_positions * dist.world_size / run_time:,.0f} "
+                   f"positions/s) to step {step} = {step * epochs_per_step:.2f} epochs of {len(loader.lengths):,} pairs: "
+                   f"loss {stats['loss']:.4f}, reward accuracy {stats['reward_acc']:.3f}, "
+                   f"model in {Path(cfg.out_dir) / 'latest'}")
     logger.close(summary)
     return raw_model, reference, optimizer
 

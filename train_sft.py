@@ -119,6 +119,7 @@ def train(cfg: SFTConfig) -> None:
     loader = SFTLoader(cfg.data, "train", cfg.batch_size, cfg.seed, max_len=block_size)
     has_val = read_meta(cfg.data, "sft")["splits"]["val"]["examples"] > 0
     val_loader = SFTLoader(cfg.data, "val", cfg.batch_size, cfg.seed, max_len=block_size) if has_val else None
+    epochs_per_step = cfg.grad_accum * dist.world_size / loader.n_batches
     if cfg.max_steps == 0:
         cfg.max_steps = max_steps_for(cfg.epochs, loader.n_batches, cfg, dist)
     optimizer = trainer.make_optimizer(model, cfg, dist.device)
@@ -133,10 +134,10 @@ def train(cfg: SFTConfig) -> None:
         n_cut = int((loader.lengths > block_size + 1).sum())
         print(f"{model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}, {dist.world_size} rank(s) on "
               f"{dist.device}, {dtype}; {len(loader.lengths):,} train conversations, {cfg.max_steps} steps "
-              f"= {cfg.max_steps * cfg.grad_accum * dist.world_size / loader.n_batches:.2f} epochs")
+              f"= {cfg.max_steps * epochs_per_step:.2f} epochs")
         if n_cut:
-            print(f"{n_cut:,} conversations are longer than block_size {block_size} and are cut there: "
-                  "their later turns carry no loss (prepare with a smaller --max_len to drop them instead)")
+            print(f"{n_cut:,} conversations are longer than block_size {block_size} and are cut there; "
+                  f"what is cut carries no loss (prepare with --max_len {block_size} to cut at a turn boundary)")
         if not has_val:
             print("the val split is empty: no validation loss (prepare with a larger --val_fraction)")
     raw_model = model  # what gets saved and evaluated: no compile/DDP wrappers
@@ -232,13 +233,13 @@ def train(cfg: SFTConfig) -> None:
             break
 
     done = step - start_step
-    n_loss, positions, padding = total.tolist()
-    epochs = step * cfg.grad_accum * dist.world_size / loader.n_batches
-    summary = (f"fine-tuned {done} steps ({int(n_loss):,} assistant tokens in {int(positions):,} positions, "
-               f"{padding / max(positions, 1):.1%} padding, {positions / run_time:,.0f} positions/s) to step {step} "
-               f"= {epochs:.2f} epochs of {len(loader.lengths):,} conversations: loss {stats['loss']:.4f}, "
-               f"model in {Path(cfg.out_dir) / 'latest'}") if done else \
-        f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
+    summary = f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
+    if done:
+        n_loss, positions, padding = total.tolist()
+        summary = (f"fine-tuned {done} steps ({int(n_loss):,} assistant tokens in {int(positions):,} positions, "
+                   f"{padding / positions:.1%} padding, {positions / run_time:,.0f} positions/s) to step {step} "
+                   f"= {step * epochs_per_step:.2f} epochs of {len(loader.lengths):,} conversations: "
+                   f"loss {stats['loss']:.4f}, model in {Path(cfg.out_dir) / 'latest'}")
     logger.close(summary)
 
 

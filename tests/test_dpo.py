@@ -43,7 +43,8 @@ def data(tmp_path_factory) -> Path:
     with open(tmp / "dpo.jsonl", "w", encoding="utf-8") as f:
         for prefix in ("", "请问"):
             for q, chosen, rejected in PAIRS:
-                f.write(json.dumps({"prompt": prefix + q, "chosen": chosen, "rejected": rejected}, ensure_ascii=False) + "\n")
+                record = {"prompt": prefix + q, "chosen": chosen, "rejected": rejected}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
     prepare_main(["--kind", "dpo", "--input", str(tmp / "dpo.jsonl"), "--tokenizer", str(TOKENIZER), "--out",
                   str(tmp / "shards"), "--workers", "1", "--val_fraction", "0.25", "--no_near_dedup"])
     return tmp / "shards"
