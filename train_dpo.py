@@ -299,8 +299,8 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
     if done:
         pairs = done * cfg.batch_size * cfg.grad_accum * dist.world_size
         summary = (f"DPO {done} steps ({pairs:,} pairs, {total_positions * dist.world_size / run_time:,.0f} "
-                   f"positions/s) to step {step} = {step * epochs_per_step:.2f} epochs of {len(loader.lengths):,} pairs: "
-                   f"loss {stats['loss']:.4f}, reward accuracy {stats['reward_acc']:.3f}, "
+                   f"positions/s) to step {step} = {step * epochs_per_step:.2f} epochs of {len(loader.lengths):,} "
+                   f"pairs: loss {stats['loss']:.4f}, reward accuracy {stats['reward_acc']:.3f}, "
                    f"model in {Path(cfg.out_dir) / 'latest'}")
     logger.close(summary)
     return raw_model, reference, optimizer
