@@ -45,7 +45,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
@@ -57,7 +56,6 @@ from data.loaders import DPOLoader, position
 from data.shards import read_meta
 from errors import NanozhError, exit_on_user_error, user_error
 from model import Transformer
-from train_sft import check_data_tokenizer, max_steps_for
 
 
 @dataclass
@@ -100,13 +98,6 @@ def answer_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, answe
     return -(nll * answer_mask).sum(-1)
 
 
-def example_index(loader: DPOLoader, pos: int) -> np.ndarray:
-    """Where the pairs of the batch at global position `pos` sit in the split (rows of loader.examples)."""
-    ids = loader._batch_ids(pos)  # (B, 2) shard, row; DPOLoader has no public way to say this yet
-    first = np.cumsum([0] + [s.n_examples for s in loader.shards])
-    return first[ids[:, 0]] + ids[:, 1]
-
-
 @torch.no_grad()
 def precompute_reference(reference: Transformer, data: str, split: str, block_size: int, batch_size: int,
                          ctx, dist: trainer.Dist) -> torch.Tensor:
@@ -130,7 +121,7 @@ def precompute_reference(reference: Transformer, data: str, split: str, block_si
             x[2 * i:2 * i + 2, :t], y[2 * i:2 * i + 2, :t], mask[2 * i:2 * i + 2, :t] = bx, by, bm
         with ctx:
             logps = answer_logps(reference, x.to(dist.device), y.to(dist.device), mask.to(dist.device))
-        rows = [example_index(one, pos)[0] for pos in range(start, start + len(batches))]
+        rows = [one.example_ids(pos)[0] for pos in range(start, start + len(batches))]
         table[rows] = logps.float().view(-1, 2)
     if dist.ddp:
         torch_dist.all_reduce(table)
@@ -148,7 +139,7 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
     dist = trainer.init_distributed(cfg.device)
     dtype = trainer.resolve_dtype(cfg.dtype, dist.device)
     ctx = trainer.autocast(dist.device, dtype)
-    tokenizer_path = check_data_tokenizer(cfg.data, cfg.init_from, "dpo")
+    tokenizer_path = trainer.check_data_tokenizer(cfg.data, cfg.init_from, "dpo")
     trainer.check_out_dir(cfg.out_dir, cfg.resume)
     model = trainer.build_model(cfg, tokenizer_path, dist.device)
     # the reference: the same start model, frozen; eval mode turns its dropout (if any) off
@@ -159,7 +150,7 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
     val_loader = DPOLoader(cfg.data, "val", cfg.batch_size, cfg.seed, max_len=block_size) if has_val else None
     epochs_per_step = cfg.grad_accum * dist.world_size / loader.n_batches
     if cfg.max_steps == 0:
-        cfg.max_steps = max_steps_for(cfg.epochs, loader.n_batches, cfg, dist)
+        cfg.max_steps = trainer.max_steps_for(cfg.epochs, loader.n_batches, cfg, dist)
     optimizer = trainer.make_optimizer(model, cfg, dist.device)  # the policy's parameters only
     scaler = trainer.grad_scaler(dist.device, dtype)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
@@ -206,7 +197,7 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
         x, y, mask = (to_device(t) for t in split_loader.get_batch(pos))
         ref = None
         if split in tables:
-            ref = tables[split][example_index(split_loader, pos)]
+            ref = tables[split][split_loader.example_ids(pos)]
             ref = torch.cat([ref[:, 0], ref[:, 1]])  # the loader's row order: all chosen, then all rejected
         return x, y, mask, ref
 

@@ -46,8 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import trainer
 from data.loaders import SFTLoader
 from data.shards import read_meta
-from errors import NanozhError, exit_on_user_error, user_error
-from tokenizer.tokenizer import Tokenizer
+from errors import NanozhError, exit_on_user_error
 
 
 @dataclass
@@ -65,31 +64,6 @@ class SFTConfig(trainer.TrainConfig):
     eval_every: int = 100
     save_every: int = 250
     eval_batches: int = 50        # validation batches scored at each evaluation (the same ones each time)
-
-
-def check_data_tokenizer(data: str, init_from: str, kind: str) -> Path:
-    """The data's tokenizer.model, after checking that it is the tokenizer of the model in init_from:
-    token ids from another vocabulary would train without error into nonsense."""
-    if not init_from:
-        raise user_error("command line", "--init_from is required", f"pass the model directory to start from, "
-                         f"e.g. --init_from {'out/pretrain/latest' if kind == 'sft' else 'out/sft/latest'}")
-    if not data:
-        raise user_error("command line", "--data is required", f"a shard directory of data/prepare.py --kind {kind}")
-    read_meta(data, kind)  # a clear error for a missing directory or one of another kind
-    data_tok_path, model_tok_path = Path(data) / "tokenizer.model", Path(init_from) / "tokenizer.model"
-    if not model_tok_path.is_file():
-        what = "missing" if Path(init_from).is_dir() else "no such model directory"
-        raise user_error(model_tok_path, what, "--init_from takes a model directory written by training")
-    data_tok, model_tok = Tokenizer(data_tok_path), Tokenizer(model_tok_path)
-    if data_tok.sha256 != model_tok.sha256:
-        raise user_error(data_tok_path, f"the data was tokenized with another tokenizer than the model in {init_from} "
-                         f"(vocab {data_tok.vocab_size} vs {model_tok.vocab_size})",
-                         f"prepare the data with --tokenizer {model_tok_path}")
-    return data_tok_path
-
-
-def max_steps_for(epochs: float, batches_per_epoch: int, cfg: trainer.TrainConfig, dist: trainer.Dist) -> int:
-    return max(1, math.ceil(epochs * batches_per_epoch / (cfg.grad_accum * dist.world_size)))
 
 
 def validation_loss(model: torch.nn.Module, loader: SFTLoader, n_batches: int, ctx, dist: trainer.Dist) -> float:
@@ -112,7 +86,7 @@ def train(cfg: SFTConfig) -> None:
     dist = trainer.init_distributed(cfg.device)
     dtype = trainer.resolve_dtype(cfg.dtype, dist.device)
     ctx = trainer.autocast(dist.device, dtype)
-    tokenizer_path = check_data_tokenizer(cfg.data, cfg.init_from, "sft")
+    tokenizer_path = trainer.check_data_tokenizer(cfg.data, cfg.init_from, "sft")
     trainer.check_out_dir(cfg.out_dir, cfg.resume)
     model = trainer.build_model(cfg, tokenizer_path, dist.device)
     block_size = model.config.block_size
@@ -121,7 +95,7 @@ def train(cfg: SFTConfig) -> None:
     val_loader = SFTLoader(cfg.data, "val", cfg.batch_size, cfg.seed, max_len=block_size) if has_val else None
     epochs_per_step = cfg.grad_accum * dist.world_size / loader.n_batches
     if cfg.max_steps == 0:
-        cfg.max_steps = max_steps_for(cfg.epochs, loader.n_batches, cfg, dist)
+        cfg.max_steps = trainer.max_steps_for(cfg.epochs, loader.n_batches, cfg, dist)
     optimizer = trainer.make_optimizer(model, cfg, dist.device)
     scaler = trainer.grad_scaler(dist.device, dtype)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks

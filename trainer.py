@@ -47,6 +47,7 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
+from data.shards import read_meta
 from errors import NanozhError, user_error
 from model import ModelConfig, Transformer, load_model
 from tokenizer.tokenizer import Tokenizer
@@ -482,6 +483,32 @@ def check_same_model(config_path: Path, saved: ModelConfig, ours: ModelConfig, i
     diff = [f"{k} {a[k]} != {b[k]}" for k in a if k not in ignore and a[k] != b[k]]
     if diff:
         raise user_error(config_path, f"the checkpoint's model differs from this run's ({', '.join(diff)})", fix)
+
+
+def check_data_tokenizer(data: str, init_from: str, kind: str) -> Path:
+    """The data's tokenizer.model, after checking that it is the tokenizer of the model in init_from:
+    token ids from another vocabulary would train without error into nonsense."""
+    if not init_from:
+        raise user_error("command line", "--init_from is required", f"pass the model directory to start from, "
+                         f"e.g. --init_from {'out/pretrain/latest' if kind == 'sft' else 'out/sft/latest'}")
+    if not data:
+        raise user_error("command line", "--data is required", f"a shard directory of data/prepare.py --kind {kind}")
+    read_meta(data, kind)  # a clear error for a missing directory or one of another kind
+    data_tok_path, model_tok_path = Path(data) / "tokenizer.model", Path(init_from) / "tokenizer.model"
+    if not model_tok_path.is_file():
+        what = "missing" if Path(init_from).is_dir() else "no such model directory"
+        raise user_error(model_tok_path, what, "--init_from takes a model directory written by training")
+    data_tok, model_tok = Tokenizer(data_tok_path), Tokenizer(model_tok_path)
+    if data_tok.sha256 != model_tok.sha256:
+        raise user_error(data_tok_path, f"the data was tokenized with another tokenizer than the model in {init_from} "
+                         f"(vocab {data_tok.vocab_size} vs {model_tok.vocab_size})",
+                         f"prepare the data with --tokenizer {model_tok_path}")
+    return data_tok_path
+
+
+def max_steps_for(epochs: float, batches_per_epoch: int, cfg: TrainConfig, dist: Dist) -> int:
+    """Optimizer steps in `epochs` passes over a split of batches_per_epoch micro-batches (SFT, DPO)."""
+    return max(1, math.ceil(epochs * batches_per_epoch / (cfg.grad_accum * dist.world_size)))
 
 
 def check_out_dir(out_dir: str, resume: bool) -> None:

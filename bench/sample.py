@@ -83,8 +83,8 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     print(f"\n{command}\n{args.device} {args.dtype}, {torch.get_num_threads()} threads, batch 1, greedy, "
           f"decode {args.prompt_len} -> {args.prompt_len + args.new_tokens} tokens, prefill {args.prefill_len} tokens")
-    print(f"| preset | params | prefill tok/s | decode tok/s, KV cache | decode tok/s, no cache | cache speed-up |")
-    print(f"|---|---|---|---|---|---|")
+    print("| preset | params | prefill tok/s | decode tok/s, KV cache | decode tok/s, no cache | cache speed-up |")
+    print("|---|---|---|---|---|---|")
     for name, params, prefill, cached, uncached in rows:
         print(f"| {name} | {params:.1f}M | {prefill:,.0f} | {cached:,.1f} | {uncached:,.1f} | {cached / uncached:.1f}x |")
 

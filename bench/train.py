@@ -170,7 +170,7 @@ def main() -> None:
     for key, r in rows:  # best of the repeats
         if key not in best or r.get("tok_s", 0) > best[key].get("tok_s", 0):
             best[key] = r
-    print(f"\n| preset | attn | compile | loop | dtype | batch x block | tokens/s | MFU | peak mem | trainer overhead |")
+    print("\n| preset | attn | compile | loop | dtype | batch x block | tokens/s | MFU | peak mem | trainer overhead |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (preset, attn, compile_, loop), r in best.items():
         if "error" in r:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from data.prepare import main
 from data.shards import open_shards, read_meta
