@@ -294,6 +294,7 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
                    f"pairs: loss {stats['loss']:.4f}, reward accuracy {stats['reward_acc']:.3f}, "
                    f"model in {Path(cfg.out_dir) / 'latest'}")
     logger.close(summary)
+    trainer.cleanup_distributed(wait=True)
     return raw_model, reference, optimizer
 
 

@@ -153,6 +153,7 @@ def train(cfg: PretrainConfig) -> None:
         summary = (f"pretrained {done} steps ({done * tokens_per_step:,} tokens, {done * tokens_per_step / run_time:,.0f}"
                    f" tokens/s) to step {step}: loss {stats['loss']:.4f}, model in {Path(cfg.out_dir) / 'latest'}")
     logger.close(summary)
+    trainer.cleanup_distributed(wait=True)
 
 
 def main() -> None:

@@ -215,6 +215,7 @@ def train(cfg: SFTConfig) -> None:
                    f"= {step * epochs_per_step:.2f} epochs of {len(loader.lengths):,} conversations: "
                    f"loss {stats['loss']:.4f}, model in {Path(cfg.out_dir) / 'latest'}")
     logger.close(summary)
+    trainer.cleanup_distributed(wait=True)
 
 
 def main() -> None:

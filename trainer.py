@@ -238,8 +238,13 @@ def init_distributed(device: str) -> Dist:
     return Dist(rank, local_rank, world_size, dev)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(wait: bool = False) -> None:
+    """Leave the process group. At the normal end of a run (wait=True) every rank first waits for
+    the others: a rank that tore gloo down while rank 0 was still writing the last checkpoint was
+    seen to abort at exit ("terminate called without an active exception"), failing the torchrun."""
     if torch_dist.is_initialized():
+        if wait:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
