@@ -1,15 +1,16 @@
 """Train nanozh's sentencepiece BPE tokenizer on pretraining text.
 
     python tokenizer/train_tokenizer.py --input data/corpus/pretrain --vocab_size 16000 --out tokenizer
-    python tokenizer/train_tokenizer.py --input ../shared/data/pretrain --vocab_size 16000 --out tokenizer
+    python tokenizer/train_tokenizer.py --input /path/to/full/pretrain --vocab_size 16000 --out tokenizer
 
 --input takes files or directories in any format data/sources.py reads (.txt, .jsonl, .json,
 .parquet). Writes OUT/tokenizer.model and OUT/tokenizer.vocab (one "piece<TAB>score" per line, for
 reading). Documents are fed to sentencepiece one paragraph (line) at a time.
 
 The shipped tokenizer/tokenizer.model is 16,000 pieces, trained by the second command above on the
-full pretraining collection that the bundled corpus in data/ was drawn from (../shared/data/pretrain,
-not part of the repository: 67,129 documents, 889,832 paragraphs, all of them used).
+full pretraining collection that the bundled corpus in data/ was drawn from (not part of the
+repository; its sources are listed in data/SOURCES.md: 67,129 documents, 889,832 paragraphs, all
+of them used).
 The size was chosen by measurement (bench/tokenizer.py, 2% of documents held out):
 
     vocab   chars/token pretrain   chars/token SFT   embedding share of the 26m / 100m preset
