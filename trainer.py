@@ -27,6 +27,7 @@ Rank 0 writes checkpoints and every rank reads them on resume, so on several nod
 on storage they all see.
 """
 
+import ctypes
 import dataclasses
 import difflib
 import hashlib
@@ -229,6 +230,8 @@ def init_distributed(device: str) -> Dist:
         raise user_error("command line", "--device=cuda but no CUDA device is available", "use --device=cpu")
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _stop_when_torchrun_dies()
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
@@ -236,6 +239,18 @@ def init_distributed(device: str) -> Dist:
         torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                       device_id=dev if dev.type == "cuda" else None)
     return Dist(rank, local_rank, world_size, dev)
+
+
+def _stop_when_torchrun_dies() -> None:
+    """If torchrun itself is killed (kill -9), its workers are not: they would run on as orphans and
+    keep writing checkpoints into OUT_DIR beside the next run (seen in testing). Ask Linux to send
+    this worker SIGTERM when its parent dies; the stop flag turns that into save-and-exit."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # torchrun died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def cleanup_distributed(wait: bool = False) -> None:
