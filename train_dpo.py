@@ -151,15 +151,9 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
     epochs_per_step = cfg.grad_accum * dist.world_size / loader.n_batches
     if cfg.max_steps == 0:
         cfg.max_steps = trainer.max_steps_for(cfg.epochs, loader.n_batches, cfg, dist)
-    optimizer = trainer.make_optimizer(model, cfg, dist.device)  # the policy's parameters only
-    scaler = trainer.grad_scaler(dist.device, dtype)
-    torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
-    start_step = 0
-    if cfg.resume:
-        start_step, _ = trainer.resume(cfg.out_dir, model, optimizer, scaler, tokenizer_path, dist)
+    # the optimizer holds the policy's parameters only: the reference is not a submodule of model
+    optimizer, scaler, start_step = trainer.start_run(cfg, model, dist, dtype, tokenizer_path)
     if dist.is_main:
-        trainer.remove_temp_dirs(cfg.out_dir)
-        trainer.print_config(cfg, model.config)
         n_cut = int((loader.lengths > block_size + 1).sum())
         print(f"{model.num_params() / 1e6:.2f}M parameters from {cfg.init_from} (policy and reference), "
               f"{dist.world_size} rank(s) on {dist.device}, {dtype}; {len(loader.lengths):,} train pairs, "

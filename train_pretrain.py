@@ -67,15 +67,8 @@ def train(cfg: PretrainConfig) -> None:
     block_size = model.config.block_size
     loader = PretrainLoader(cfg.data, "train", block_size, cfg.batch_size, cfg.seed)
     val_tokens = PretrainLoader(cfg.data, "val", block_size, cfg.batch_size, cfg.seed).val_tokens(cfg.eval_tokens)
-    optimizer = trainer.make_optimizer(model, cfg, dist.device)
-    scaler = trainer.grad_scaler(dist.device, dtype)
-    torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
-    start_step = 0
-    if cfg.resume:
-        start_step, _ = trainer.resume(cfg.out_dir, model, optimizer, scaler, tokenizer_path, dist)
+    optimizer, scaler, start_step = trainer.start_run(cfg, model, dist, dtype, tokenizer_path)
     if dist.is_main:
-        trainer.remove_temp_dirs(cfg.out_dir)
-        trainer.print_config(cfg, model.config)
         print(f"{model.num_params() / 1e6:.2f}M parameters, {dist.world_size} rank(s) on {dist.device}, {dtype}")
     raw_model = model  # what gets saved and evaluated: no compile/DDP wrappers
     if cfg.compile:

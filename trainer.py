@@ -4,11 +4,10 @@ and calls these plain functions around it, in about this order:
     cfg = parse_config(PretrainConfig, sys.argv[1:])   # dataclass defaults <- --config FILE <- --key=value
     dist = init_distributed(cfg.device)                # torchrun env: rank, world size, device; NCCL/gloo
     dtype = resolve_dtype(cfg.dtype, dist.device)      # bf16 autocast, fp16 + GradScaler, or fp32
-    ctx, scaler = autocast(dist.device, dtype), grad_scaler(dist.device, dtype)
+    ctx = autocast(dist.device, dtype)
     check_out_dir(cfg.out_dir, cfg.resume)             # a fresh run never mixes into an old one
     model = build_model(cfg, tokenizer_path, dist.device)   # random init, or --init_from DIR
-    optimizer = make_optimizer(model, cfg, dist.device)     # AdamW, decay on matrices only
-    step, extra = resume(cfg.out_dir, model, optimizer, scaler, tokenizer_path, dist)   # --resume
+    optimizer, scaler, step = start_run(cfg, model, dist, dtype, tokenizer_path)  # AdamW, scaler, --resume
     logger, stop = Logger(...), StopFlag(...)          # tqdm + log lines + metrics.jsonl; SIGINT/SIGTERM
     loop:  set_lr(optimizer, lr_at(step, cfg))         # linear warmup, cosine decay to min_lr
            ... micro-steps, clip ...
@@ -529,6 +528,23 @@ def check_data_tokenizer(data: str, init_from: str, kind: str) -> Path:
 def max_steps_for(epochs: float, batches_per_epoch: int, cfg: TrainConfig, dist: Dist) -> int:
     """Optimizer steps in `epochs` passes over a split of batches_per_epoch micro-batches (SFT, DPO)."""
     return max(1, math.ceil(epochs * batches_per_epoch / (cfg.grad_accum * dist.world_size)))
+
+
+def start_run(cfg: TrainConfig, model: Transformer, dist: Dist, dtype: torch.dtype,
+              tokenizer_path: Path) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler, int]:
+    """What every training run does before its loop: the optimizer and GradScaler for `model`,
+    restored from OUT_DIR's newest good checkpoint with --resume, and the step to start from.
+    Rank 0 clears temp directories a killed save left behind and prints the resolved config."""
+    optimizer = make_optimizer(model, cfg, dist.device)
+    scaler = grad_scaler(dist.device, dtype)
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
+    start_step = 0
+    if cfg.resume:
+        start_step, _ = resume(cfg.out_dir, model, optimizer, scaler, tokenizer_path, dist)
+    if dist.is_main:
+        remove_temp_dirs(cfg.out_dir)
+        print_config(cfg, model.config)
+    return optimizer, scaler, start_step
 
 
 def check_out_dir(out_dir: str, resume: bool) -> None:

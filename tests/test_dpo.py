@@ -22,8 +22,7 @@ import trainer
 import train_dpo
 from data.prepare import main as prepare_main
 from errors import NanozhError
-from model import ModelConfig, Transformer, load_model
-from tokenizer.tokenizer import Tokenizer
+from model import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tokenizer" / "tokenizer.model"
@@ -48,17 +47,6 @@ def data(tmp_path_factory) -> Path:
     prepare_main(["--kind", "dpo", "--input", str(tmp / "dpo.jsonl"), "--tokenizer", str(TOKENIZER), "--out",
                   str(tmp / "shards"), "--workers", "1", "--val_fraction", "0.25", "--no_near_dedup"])
     return tmp / "shards"
-
-
-@pytest.fixture(scope="module")
-def init_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("init") / "model"
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=Tokenizer(TOKENIZER).vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                         block_size=64)
-    Transformer(config).save(out)
-    shutil.copyfile(TOKENIZER, out / "tokenizer.model")
-    return out
 
 
 def train(data: Path, init: Path, out_dir: Path, *flags: str, launcher: tuple = ()) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ import train_sft
 from data.loaders import SFTLoader
 from data.prepare import main as prepare_main
 from errors import NanozhError
-from model import ModelConfig, Transformer, load_model
+from model import load_model
 from tokenizer.tokenizer import Tokenizer
 from tokenizer.train_tokenizer import train as train_tokenizer, write_tokenizer
 
@@ -50,17 +50,6 @@ def prepare(tmp: Path, records: list[dict], tokenizer: Path = TOKENIZER) -> Path
     prepare_main(["--kind", "sft", "--input", str(tmp / "sft.jsonl"), "--tokenizer", str(tokenizer), "--out",
                   str(tmp / "shards"), "--workers", "1", "--val_fraction", "0", "--no_near_dedup"])
     return tmp / "shards"
-
-
-@pytest.fixture(scope="module")
-def init_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("init") / "model"
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=Tokenizer(TOKENIZER).vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                         block_size=64)
-    Transformer(config).save(out)
-    shutil.copyfile(TOKENIZER, out / "tokenizer.model")
-    return out
 
 
 @pytest.fixture(scope="module")
