@@ -13,8 +13,9 @@ clean_text(text, cfg) applies, in this order, the rules that are switched on:
                     in pairs (…… ——).
     min_chars       a document left with fewer than min_chars characters (or none) is dropped.
 It returns the cleaned text and the names of the rules that changed it; a dropped document comes
-back as "" with "min_chars" last. clean_text and minhash_signatures are pure functions of their
-arguments, so prepare.py runs them in its workers.
+back as "" with "min_chars" last. clean_texts does the same for a batch, faster. clean_text(s),
+exact_keys and minhash_signatures are pure functions of their arguments, so prepare.py runs them
+in its workers and sends the main process only the keys and signatures.
 
 Deduplicator (one per corpus, in the main process) drops
     exact  a document whose cleaned text has the same 64-bit blake2b hash as a kept one;
@@ -111,6 +112,51 @@ def clean_text(text: str, cfg: CleanConfig) -> tuple[str, list[str]]:
     return text, changed
 
 
+ODD_CHAR, RUN_CHAR = 1, 2  # bits of _char_flags()
+
+
+@lru_cache(maxsize=1)
+def _char_flags() -> np.ndarray:
+    """A uint8 per code point: ODD_CHAR for the characters the whitespace and control_chars rules
+    replace, RUN_CHAR for those whose runs of 3 repeated_punct (punctuation) or whitespace (\n)
+    shortens. Every such character is in the BMP."""
+    flags = np.zeros(0x110000, dtype=np.uint8)
+    bmp = [chr(c) for c in range(0x10000)]
+    flags[[i for i, c in enumerate(bmp) if ODD.match(c)]] |= ODD_CHAR
+    flags[[i for i, c in enumerate(bmp) if PUNCT_RUN.match(c * 3)]] |= RUN_CHAR
+    flags[ord("\n")] |= RUN_CHAR
+    return flags
+
+
+def clean_texts(texts: list[str], cfg: CleanConfig) -> list[tuple[str, list[str]]]:
+    """[clean_text(t, cfg) for t in texts], the same results ~3x faster: most texts need no rule,
+    and one numpy scan of the whole batch finds the few that might, so only those pay for the
+    regex scans. A text is flagged when it holds a character the whitespace or control_chars
+    rules replace, a run of 3 punctuation marks or newlines, a space or tab before a newline, or
+    whitespace at either end; a text with none of these is unchanged by every rule but NFKC."""
+    if cfg.nfkc or not texts:
+        return [clean_text(t, cfg) for t in texts]
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    cp = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+    flags = _char_flags()[cp]
+    same = cp[1:] == cp[:-1]
+    run = np.flatnonzero(same[1:] & same[:-1])  # cp[i] == cp[i + 1] == cp[i + 2]
+    newline = cp[1:] == ord("\n")
+    trailing = newline & ((cp[:-1] == ord(" ")) | (cp[:-1] == ord("\t")))
+    hits = np.concatenate([np.flatnonzero(flags & ODD_CHAR), run[(flags[run] & RUN_CHAR) != 0],
+                           np.flatnonzero(trailing)])
+    # a hit at position i belongs to the text whose span holds i (a run across two texts flags both: harmless)
+    flagged = set(np.searchsorted(np.cumsum(lengths), hits, side="right").tolist())
+    min_chars = max(cfg.min_chars, 1)
+    out = []
+    for i, t in enumerate(texts):
+        if i in flagged or t[:1].isspace() or t[-1:].isspace():
+            out.append(clean_text(t, cfg))
+        else:
+            out.append((t, []) if len(t) >= min_chars else ("", ["min_chars"]))
+    return out
+
+
 # ----------------------------------------------------------------------------- MinHash
 # One-permutation hashing (Li, Owen & Zhang 2012): each n-gram is hashed once; the hash picks one of
 # num_perm bins and gives a 32-bit value; a bin's minimum is a MinHash of the n-grams that fell into
@@ -123,7 +169,7 @@ def clean_text(text: str, cfg: CleanConfig) -> tuple[str, list[str]]:
 # through as near duplicates.
 
 U64 = np.uint64
-EMPTY = np.iinfo(np.uint64).max
+EMPTY = np.iinfo(np.uint32).max  # a bin no n-gram fell into
 MIX = U64(0x9E3779B97F4A7C15)
 VALUE = U64(0xD6E8FEB86659FD93)
 
@@ -141,48 +187,55 @@ def _gram_hashes(cp: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
+def _high_halves(x: np.ndarray) -> np.ndarray:
+    """The high 32 bits of each uint64, as a uint32 view (no copy; numpy runs on little-endian)."""
+    return x.view(np.uint32)[1::2]
+
+
 def minhash_signatures(texts: list[str], cfg: CleanConfig) -> np.ndarray:
-    """(len(texts), num_perm) uint64 MinHash signatures of the texts' character n-grams; a text
+    """(len(texts), num_perm) uint32 MinHash signatures of the texts' character n-grams; a text
     shorter than n has no n-grams and gets EMPTY everywhere. One pass over all the texts, so that
-    short documents do not each pay numpy's per-call overhead: prepare.py calls this per batch."""
+    short documents do not each pay numpy's per-call overhead: prepare.py calls this per chunk."""
     k, n = cfg.num_perm, cfg.ngram
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-    starts = np.cumsum(lengths) - lengths
     grams = np.maximum(lengths - n + 1, 0)
+    sig = np.full((len(texts), k), EMPTY, dtype=np.uint32)
     cp = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
-    h = _gram_hashes(cp, n) if len(cp) >= n else np.empty(0, dtype=np.uint64)
-    # bin: the high 32 bits of h scaled to [0, k) without modulo bias, plus the text's row offset;
-    # value: the high 32 bits of h times another odd constant (a different function of the gram)
-    where = h >> U64(32)
-    where *= U64(k)
-    where >>= U64(32)
-    where = where.view(np.int64)
+    if len(cp) < n:
+        return sig
+    h = _gram_hashes(cp, n)
+    # value: the high 32 bits of h times another odd constant (a different function of the gram);
+    # bin: the high 32 bits of h scaled to [0, k) without modulo bias, plus the text's row offset
+    value = _high_halves(h * VALUE).copy()
+    where = _high_halves(h).astype(np.int64)
+    where *= k
+    where >>= 32
     where += np.repeat(np.arange(len(texts)) * k, lengths)[:len(h)]
-    value = h * VALUE
-    value >>= U64(32)
     # the n - 1 positions before each text's end start grams that run into the next text
-    crossing = (starts + lengths)[:, None] - np.arange(1, n)
+    crossing = np.cumsum(lengths)[:, None] - np.arange(1, n)
     value[crossing[(crossing >= 0) & (crossing < len(h))]] = EMPTY
-    sig = np.full((len(texts), k), EMPTY, dtype=np.uint64)
     np.minimum.at(sig.reshape(-1), where, value)
 
     rows, bins = np.nonzero((sig == EMPTY) & (grams > 0)[:, None])
-    dense, probe = sig.copy(), 0
+    dense, probe, probes = sig.copy(), 0, 2
     while len(rows):  # a text with f filled bins needs ~num_perm / f probes per empty bin
-        probe += 1
-        src = (bins.astype(np.uint64) + U64(probe << 32)) * MIX  # bin j's probe-th pick
+        # the next `probes` picks of every empty bin at once, twice as many each round: short
+        # texts need hundreds of probes for their last empty bin, most bins only one or two
+        picks = np.arange(probe + 1, probe + 1 + probes, dtype=np.uint64) << U64(32)
+        src = (bins.astype(np.uint64)[:, None] + picks) * MIX  # bin j's probe-th pick
         src >>= U64(32)
         src *= U64(k)
         src >>= U64(32)
-        value = sig[rows, src.view(np.int64)]
+        value = sig.reshape(-1)[src.view(np.int64) + (rows * k)[:, None]]
+        value = value[np.arange(len(rows)), (value != EMPTY).argmax(axis=1)]
         found = value != EMPTY
         dense[rows[found], bins[found]] = value[found]
-        rows, bins = rows[~found], bins[~found]
+        rows, bins, probe, probes = rows[~found], bins[~found], probe + probes, 2 * probes
     return dense
 
 
 def minhash_signature(text: str, cfg: CleanConfig) -> np.ndarray:
-    """(num_perm,) uint64 MinHash signature of one text's character n-grams."""
+    """(num_perm,) uint32 MinHash signature of one text's character n-grams."""
     return minhash_signatures([text], cfg)[0]
 
 
@@ -244,26 +297,28 @@ class Deduplicator:
         self.mult = rng.integers(0, 2**63, size=(self.bands, self.rows), dtype=np.uint64) * U64(2) + U64(1)
         self.seen = _KeySet()  # exact keys (blake2b of the text) and band keys together
 
-    def check(self, text: str, signature: np.ndarray | None = None) -> str | None:
-        """None if the document is new (it is then remembered), else "exact" or "near". The
-        signature is computed here when not given (prepare.py computes it in its workers)."""
-        return self.check_many([text], None if signature is None else signature[None])[0]
+    def check(self, text: str) -> str | None:
+        """None if the document is new (it is then remembered), else "exact" or "near"."""
+        return self.check_many([text])[0]
 
-    def check_many(self, texts: list[str], signatures: np.ndarray | None = None) -> list[str | None]:
-        """check() for a batch, in order (a text may repeat one earlier in the same batch), with
-        the numpy work done once per batch: the main process runs this for the whole corpus."""
+    def check_many(self, texts: list[str]) -> list[str | None]:
+        """check() for a batch, in order (a text may repeat one earlier in the same batch)."""
+        signatures = minhash_signatures(texts, self.cfg) if self.cfg.near_dedup else None
+        return self.check_keys(exact_keys(texts), signatures)
+
+    def check_keys(self, exact: np.ndarray, signatures: np.ndarray | None) -> list[str | None]:
+        """check_many() from what a worker computed for each text: its exact_keys() and (when
+        near_dedup is on) its minhash_signatures(). prepare.py's main process runs this for the
+        whole corpus, so the numpy work is done once per batch."""
         cols = []
         if self.cfg.exact_dedup:
-            digests = b"".join(blake2b(t.encode("utf-8"), digest_size=8).digest() for t in texts)
-            cols.append(np.frombuffer(digests, dtype=np.uint64)[:, None])
+            cols.append(exact[:, None])
         if self.cfg.near_dedup:
-            if signatures is None:
-                signatures = minhash_signatures(texts, self.cfg)
             has_grams = signatures[:, 0] != EMPTY
-            bands = signatures[:, :self.bands * self.rows].reshape(len(texts), self.bands, self.rows)
+            bands = signatures[:, :self.bands * self.rows].reshape(len(signatures), self.bands, self.rows)
             cols.append((bands * self.mult).sum(axis=2))
         if not cols:
-            return [None] * len(texts)
+            return [None] * len(exact)
         keys = np.concatenate(cols, axis=1)
         stored = self.seen.in_sorted(keys)  # against the documents of earlier batches
         exact, recent = self.cfg.exact_dedup, self.seen.recent
@@ -282,6 +337,13 @@ class Deduplicator:
                 verdicts.append(None)
         self.seen.merge_recent()
         return verdicts
+
+
+def exact_keys(texts: list[str]) -> np.ndarray:
+    """(len(texts),) uint64: the 64-bit blake2b of each text's UTF-8, its exact-duplicate key.
+    prepare.py also splits train/val by it, so the same text always lands in the same split."""
+    digests = b"".join(blake2b(t.encode(), digest_size=8).digest() for t in texts)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 # ----------------------------------------------------------------------------- counts

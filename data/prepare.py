@@ -24,7 +24,6 @@ a failed run leaves no output, and an existing --out is replaced only by a compl
 
 import argparse
 import array
-import hashlib
 import os
 import shutil
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import numpy as np
 from tqdm import tqdm
 
-from data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, minhash_signatures
+from data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, clean_texts, exact_keys, minhash_signatures
 from data.shards import SplitWriter, write_meta
 from data.sources import iter_dpo, iter_pretrain, iter_sft
 from errors import NanozhError, exit_on_user_error, user_error
@@ -55,19 +54,20 @@ MAX_SHOWN_ERRORS = 10
 @dataclass
 class Chunk:
     """What a worker learned about a chunk of records, in input order. Every record gets its rules,
-    drop and error; those that survive cleaning (`keep`) also get a dedup text, a signature row, a
-    split and their token arrays. The main process then dedups the survivors in one batch."""
+    drop and error; those that survive cleaning (`keep`) also get dedup keys, a split and their
+    token arrays. The main process then dedups the survivors in one batch."""
     n_bytes: int = 0                                     # UTF-8 size of the raw text, for MB/s
     rules: list[list[str]] = field(default_factory=list)  # cleaning rules that changed each record
     drop: list[str | None] = field(default_factory=list)  # why a record is dropped before dedup
     errors: list[str | None] = field(default_factory=list)  # a malformed record's one-line message
-    texts: list[str] = field(default_factory=list)       # per survivor: the text dedup compares
+    texts: list[str] | None = field(default_factory=list)  # per survivor: the text dedup compares
     truncated: list[bool] = field(default_factory=list)
     items: list[tuple] = field(default_factory=list)     # per survivor: what SplitWriter.add takes
     tokens: np.ndarray | None = None                     # pretrain: all survivors' tokens back to back,
     offsets: np.ndarray | None = None                    # survivor j is tokens[offsets[j]:offsets[j+1]]
-    signatures: np.ndarray | None = None
-    val: list[bool] = field(default_factory=list)
+    keys: np.ndarray | None = None                       # per survivor: exact_keys() of its text
+    signatures: np.ndarray | None = None                 # and its minhash_signatures() row
+    val: np.ndarray | None = None                        # and whether it goes to the val split
 
     def record(self, n_bytes: int, rules: list[str], drop: str | None = None, error: str | None = None) -> None:
         self.n_bytes += n_bytes
@@ -103,11 +103,6 @@ def _init(tokenizer_path: str, cfg: CleanConfig, kind: str, max_len: int, val_fr
               val_fraction=val_fraction)
 
 
-def _in_val(text: str) -> bool:
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-    return h / 2**64 < _W["val_fraction"]
-
-
 def _clean(text: str, rules: list[str]) -> str:
     """The cleaned text of one document or chat turn ("" when dropped); adds the rules that changed it."""
     cleaned, changed = clean_text(text, _W["turn_cfg"])
@@ -117,17 +112,16 @@ def _clean(text: str, rules: list[str]) -> str:
 
 def _pretrain(records: list) -> Chunk:
     chunk = Chunk()
-    for where, text in records:
-        rules = []
-        cleaned = _clean(text, rules)
+    texts = [text for where, text in records]
+    for text, (cleaned, rules) in zip(texts, clean_texts(texts, _W["cfg"])):  # batched: ~3x faster
         chunk.record(len(text.encode()), rules, None if cleaned else "min_chars")
         if cleaned:
             chunk.keep(cleaned)
     tok = _W["tok"]
     ids = tok.encode_batch(chunk.texts, num_threads=1)
-    tokens = array.array("I")  # the fastest way from Python ints to a numpy array
+    tokens = array.array("I")  # the fastest way from Python ints to a numpy array (fromlist, not extend)
     for doc in ids:
-        tokens.extend(doc)
+        tokens.fromlist(doc)
         tokens.append(tok.eos_id)
     chunk.tokens = np.frombuffer(tokens, dtype=np.uint32)
     chunk.offsets = np.cumsum([0] + [len(doc) + 1 for doc in ids])
@@ -212,9 +206,11 @@ WORK = {"pretrain": _pretrain, "sft": _sft, "dpo": _dpo}
 def _work(records: list) -> Chunk:
     chunk = WORK[_W["kind"]](records)
     cfg = _W["cfg"]
-    if cfg.near_dedup and chunk.texts:
+    chunk.keys = exact_keys(chunk.texts)
+    if cfg.near_dedup:
         chunk.signatures = minhash_signatures(chunk.texts, cfg)  # one numpy pass for the whole chunk
-    chunk.val = [_in_val(t) for t in chunk.texts]
+    chunk.val = chunk.keys / 2**64 < _W["val_fraction"]  # split by a hash of the text
+    chunk.texts = None  # the main process needs only the keys: sending the texts back would cost a copy
     return chunk
 
 
@@ -352,7 +348,7 @@ def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path) -> dict:
         _init(*init_args)
     with pool or nullcontext(), tqdm(desc=f"prepare {args.kind}", unit=" docs", smoothing=0.1) as bar:
         for chunk in ordered_results(pool, _work, chunks(records), 3 * args.workers):
-            verdicts = dedup.check_many(chunk.texts, chunk.signatures) if chunk.texts else []
+            verdicts = dedup.check_keys(chunk.keys, chunk.signatures)
             kept = {"train": [], "val": []}
             j = 0  # index of the next survivor of cleaning
             for rules, drop, error in zip(chunk.rules, chunk.drop, chunk.errors):

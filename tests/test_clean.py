@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from data.clean import (EMPTY, CleanConfig, CleanStats, Deduplicator, clean_text, lsh_bands, minhash_signature,
-                        minhash_signatures)
+from data.clean import (EMPTY, CleanConfig, CleanStats, Deduplicator, clean_text, clean_texts, exact_keys, lsh_bands,
+                        minhash_signature, minhash_signatures)
 from errors import NanozhError
 
 OFF = dict(whitespace=False, control_chars=False, repeated_punct=False, nfkc=False, min_chars=0)
@@ -61,6 +61,21 @@ def test_invalid_config_is_a_user_error():
         CleanConfig(near_threshold=1.5)
 
 
+
+def test_batched_cleaning_equals_clean_text_on_tricky_texts():
+    # texts drawn from the characters every rule acts on, in runs, at the ends and across texts
+    alphabet = list("中文字。，！？…—.～-") + [" ", "\t", "\n", "\r", "\u3000", "\xa0", "\u200b", "\ufeff",
+                                               "\x00", "\x85", "\x1c", "\u2028", "😀", "𠀀", "\u200d"]
+    rng = random.Random(5)
+    texts = ["".join(rng.choice(alphabet) * rng.choice((1, 1, 1, 2, 3, 5)) for _ in range(rng.randrange(0, 12)))
+             for _ in range(3000)]
+    texts += ["一段没有任何需要清洗的正常文字。", "短", "", "好！！！", "好！！", "尾部空格 \n下一行", "a\n\n\nb"]
+    for cfg in (CleanConfig(), CleanConfig(min_chars=3), only("whitespace"), only("control_chars"),
+                only("repeated_punct"), only("nfkc"), CleanConfig(**OFF)):
+        assert clean_texts(texts, cfg) == [clean_text(t, cfg) for t in texts], cfg
+    changed = sum(clean_text(t, CleanConfig()) != (t, []) for t in texts)
+    assert 0.3 * len(texts) < changed < len(texts)  # the texts exercise both paths
+
 # ----------------------------------------------------------------------------- MinHash and LSH
 
 def random_doc(rng: random.Random, n: int) -> str:
@@ -94,7 +109,7 @@ def test_batched_signatures_equal_one_at_a_time():
     cfg = CleanConfig()
     texts = ["正好五个字", "比五个字多一点的文本", "", "四个字儿", random_doc(random.Random(1), 3000), "六个字的文本"]
     batch = minhash_signatures(texts, cfg)
-    assert batch.shape == (len(texts), cfg.num_perm) and batch.dtype == np.uint64
+    assert batch.shape == (len(texts), cfg.num_perm) and batch.dtype == np.uint32
     for text, row in zip(texts, batch):
         assert np.array_equal(row, minhash_signature(text, cfg))
     with_grams = [row for text, row in zip(texts, batch) if len(text) >= cfg.ngram]
@@ -141,9 +156,9 @@ def test_check_many_equals_check_one_by_one_including_repeats_within_a_batch():
     docs += [docs[3], mutate(rng, docs[4], 1), "独一无二的新文档" * 10, docs[3]]
     rng.shuffle(docs)
     one = Deduplicator(cfg)
-    want = [one.check(d, s) for d, s in zip(docs, minhash_signatures(docs, cfg))]
+    want = [one.check(d) for d in docs]
     many = Deduplicator(cfg)
-    got = many.check_many(docs[:7]) + many.check_many(docs[7:])
+    got = many.check_many(docs[:7]) + many.check_keys(exact_keys(docs[7:]), minhash_signatures(docs[7:], cfg))
     assert got == want and want.count("exact") == 2 and want.count("near") == 1
 
 
