@@ -5,12 +5,13 @@
     python data/prepare.py --kind dpo --input data/corpus/dpo.jsonl.gz --tokenizer tokenizer/tokenizer.model --out out/data/dpo
 
 Inputs are files or directories of .txt/.jsonl/.json/.parquet (see data/sources.py for the fields
-read). The main process streams records and hands chunks of them to --workers processes, which
-clean each text (data/clean.py), compute its MinHash signature and tokenize it; the main process
-takes the results back in input order, drops exact and near duplicates (that needs every earlier
-document, so it cannot be split across workers), and appends what survives to the train or val
-split, chosen by a hash of the document so that the same text always lands in the same split.
-At most a few chunks per worker are in flight, so memory stays flat however large the corpus.
+read). The main process reads the input as blocks of raw lines or Arrow batches (~1 MB each) and
+hands them to --workers processes, which decode the records, clean each text (data/clean.py),
+hash it, compute its MinHash signature and tokenize it; the main process takes the results back
+in input order, drops exact and near duplicates (that needs every earlier document, so it cannot
+be split across workers), and appends what survives to the train or val split, chosen by a hash
+of the document so that the same text always lands in the same split. At most a few blocks per
+worker are in flight, so memory stays flat however large the corpus.
 
 SFT conversations are rendered with the one chat template (Tokenizer.render_chat); one longer than
 --max_len tokens keeps its leading turns up to the last assistant turn that fits, and is dropped
@@ -42,18 +43,17 @@ from tqdm import tqdm
 
 from data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, clean_texts, exact_keys, minhash_signatures
 from data.shards import SplitWriter, write_meta
-from data.sources import iter_dpo, iter_pretrain, iter_sft
+from data.sources import Block, parse_block, read_blocks
 from errors import NanozhError, exit_on_user_error, user_error
 from tokenizer.tokenizer import Tokenizer
 
-READERS = {"pretrain": iter_pretrain, "sft": iter_sft, "dpo": iter_dpo}
-CHUNK_CHARS = 256_000  # text per task: big enough to amortise the inter-process hop, small for a steady bar
+KINDS = ("pretrain", "sft", "dpo")
 MAX_SHOWN_ERRORS = 10
 
 
 @dataclass
 class Chunk:
-    """What a worker learned about a chunk of records, in input order. Every record gets its rules,
+    """What a worker learned about a block of records, in input order. Every record gets its rules,
     drop and error; those that survive cleaning (`keep`) also get dedup keys, a split and their
     token arrays. The main process then dedups the survivors in one batch."""
     n_bytes: int = 0                                     # UTF-8 size of the raw text, for MB/s
@@ -75,6 +75,10 @@ class Chunk:
         self.drop.append(drop)
         self.errors.append(error)
 
+    def malformed(self, err: NanozhError) -> None:
+        """A record the reader could not parse: the main process reports it (or stops, --strict)."""
+        self.record(0, [], "malformed", error=str(err))
+
     def keep(self, text: str, item: tuple = (), truncated: bool = False) -> None:
         self.texts.append(text)
         self.items.append(item)
@@ -91,7 +95,7 @@ class Chunk:
 
 
 # ----------------------------------------------------------------------------- worker side
-# Each worker process loads the tokenizer once (_init), then turns chunks of records into Chunks.
+# Each worker process loads the tokenizer once (_init), then turns blocks of records into Chunks.
 
 _W: dict = {}
 
@@ -110,9 +114,9 @@ def _clean(text: str, rules: list[str]) -> str:
     return cleaned
 
 
-def _pretrain(records: list) -> Chunk:
+def _pretrain(block: Block) -> Chunk:
     chunk = Chunk()
-    texts = [text for where, text in records]
+    texts = [text for where, text in parse_block(block, "pretrain", chunk.malformed)]
     for text, (cleaned, rules) in zip(texts, clean_texts(texts, _W["cfg"])):  # batched: ~3x faster
         chunk.record(len(text.encode()), rules, None if cleaned else "min_chars")
         if cleaned:
@@ -141,9 +145,9 @@ def _fit_turns(messages: list[dict]) -> tuple[list[int], list[int], bool] | None
     return (ids[:fits[-1]], mask[:fits[-1]], True) if fits else None
 
 
-def _sft(records: list) -> Chunk:
+def _sft(block: Block) -> Chunk:
     chunk = Chunk()
-    for where, messages in records:
+    for where, messages in parse_block(block, "sft", chunk.malformed):
         rules, n_bytes = [], sum(len(m["content"].encode()) for m in messages)
         messages = [{"role": m["role"], "content": _clean(m["content"], rules)} for m in messages]
         if not all(m["content"] for m in messages):
@@ -171,9 +175,9 @@ def _dpo_arrays(prompt: list[dict], chosen: str, rejected: str) -> tuple | None:
     return (prompt_ids, c, r) if len(prompt_ids) + max(len(c), len(r)) <= _W["max_len"] else None
 
 
-def _dpo(records: list) -> Chunk:
+def _dpo(block: Block) -> Chunk:
     chunk = Chunk()
-    for where, ex in records:
+    for where, ex in parse_block(block, "dpo", chunk.malformed):
         rules = []
         n_bytes = sum(len(m["content"].encode()) for m in ex["prompt"]) + len(ex["chosen"].encode()) + len(ex["rejected"].encode())
         prompt = [{"role": m["role"], "content": _clean(m["content"], rules)} for m in ex["prompt"]]
@@ -203,8 +207,8 @@ def _render(where: str, fn, *args):
 WORK = {"pretrain": _pretrain, "sft": _sft, "dpo": _dpo}
 
 
-def _work(records: list) -> Chunk:
-    chunk = WORK[_W["kind"]](records)
+def _work(block: Block) -> Chunk:
+    chunk = WORK[_W["kind"]](block)
     cfg = _W["cfg"]
     chunk.keys = exact_keys(chunk.texts)
     if cfg.near_dedup:
@@ -215,27 +219,6 @@ def _work(records: list) -> Chunk:
 
 
 # ----------------------------------------------------------------------------- main process
-
-def _chars(rec) -> int:
-    if isinstance(rec, str):
-        return len(rec)
-    if isinstance(rec, list):
-        return sum(len(m["content"]) for m in rec)
-    return _chars(rec["prompt"]) + len(rec["chosen"]) + len(rec["rejected"])
-
-
-def chunks(records, chunk_chars: int = CHUNK_CHARS):
-    """Group (where, record) pairs into lists of about chunk_chars characters of text."""
-    chunk, size = [], 0
-    for where, rec in records:
-        chunk.append((where, rec))
-        size += _chars(rec)
-        if size >= chunk_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
 
 def ordered_results(pool: Pool | None, fn, tasks, in_flight: int):
     """fn(task) for each task, in order, computed by the pool's workers (or here when there is no
@@ -255,7 +238,7 @@ def ordered_results(pool: Pool | None, fn, tasks, in_flight: int):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kind", required=True, choices=sorted(READERS))
+    p.add_argument("--kind", required=True, choices=KINDS)
     p.add_argument("--input", required=True, nargs="+", help="files or directories")
     p.add_argument("--tokenizer", required=True, help="tokenizer.model (or a directory holding one)")
     p.add_argument("--out", required=True, help="shard directory to write (replaced if it exists)")
@@ -337,7 +320,7 @@ def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path) -> dict:
             tqdm.write(f"skipped: {err}", file=sys.stderr)
 
     writers = {s: SplitWriter(tmp, s, args.kind, tok.vocab_size, args.max_shard_tokens) for s in ("train", "val")}
-    records = READERS[args.kind](args.input, on_error=on_error)
+    blocks = read_blocks(args.input, args.kind)
     init_args = (str(tok.path), cfg, args.kind, args.max_len, args.val_fraction)
     n_bytes = 0
     # the workers are forked before the progress bar starts its monitor thread (forking a process
@@ -347,7 +330,7 @@ def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path) -> dict:
     if pool is None:
         _init(*init_args)
     with pool or nullcontext(), tqdm(desc=f"prepare {args.kind}", unit=" docs", smoothing=0.1) as bar:
-        for chunk in ordered_results(pool, _work, chunks(records), 3 * args.workers):
+        for chunk in ordered_results(pool, _work, blocks, 3 * args.workers):
             verdicts = dedup.check_keys(chunk.keys, chunk.signatures)
             kept = {"train": [], "val": []}
             j = 0  # index of the next survivor of cleaning

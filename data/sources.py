@@ -11,7 +11,14 @@
     .jsonl  .jsonl.gz    one JSON object per line
     .json  .json.gz      one JSON array of objects, decoded element by element from 1 MB chunks
                          (memory is bounded by the largest single element, not by the file)
-    .parquet             pyarrow row batches of 1024 rows
+    .parquet             pyarrow row batches
+
+Reading happens in two steps, so that data/prepare.py can spread the costly one over its workers:
+read_blocks(paths, kind) cuts the files into Blocks of about BLOCK_BYTES (bytes of whole JSONL
+lines, a pyarrow RecordBatch, or for .txt/.json records already split out), and parse_block(block,
+kind) decodes one into (where, value) pairs. Bytes and Arrow buffers pickle as plain copies, so
+the main process that reads stays cheap while JSON decoding and making Python strings scale with
+the workers. The iter_* functions are the two steps in one process.
 
 Field conventions (the first that matches wins):
     pretrain  `text`, else `content` (a bare JSON string is also a document)
@@ -32,6 +39,7 @@ not UTF-8, not a JSON array) always raise.
 import gzip
 import json
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
@@ -41,6 +49,8 @@ from errors import NanozhError, user_error
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 OnError = Callable[[NanozhError], None] | None
+BLOCK_BYTES = 1 << 20  # raw input per Block: big enough to amortise a hop between processes
+JSON_RECORDS_PER_BLOCK = 256  # a .json array's elements are decoded on reading; ~1 KB each
 
 
 def expand_paths(paths: list[str]) -> list[str]:
@@ -83,18 +93,6 @@ def _txt_records(path: str) -> Iterator[tuple[int, str]]:
                 lines = []
         if lines:
             yield start, "".join(lines).rstrip("\n")
-
-
-def _jsonl_records(path: str, on_error: OnError) -> Iterator[tuple[int, object]]:
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(user_error(path, f"malformed JSON ({e.msg} at column {e.pos + 1})",
-                                 "fix or remove the line", line=n), on_error)
 
 
 def _json_records(path: str, chunk_chars: int = 1 << 20) -> Iterator[tuple[int, object]]:
@@ -148,35 +146,101 @@ def _json_records(path: str, chunk_chars: int = 1 << 20) -> Iterator[tuple[int, 
             pos = end
 
 
-def _parquet_records(path: str) -> Iterator[tuple[int, dict]]:
+@dataclass
+class Block:
+    """Consecutive records of one file, read but not decoded (see the module docstring)."""
+    path: str
+    line: int     # the line (or Parquet row) of its first record, 1-based
+    form: str     # "lines": bytes of whole JSONL lines; "arrow": a pyarrow RecordBatch;
+    data: object  # "records": [(line, record), ...] already split out of a .txt or .json file
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _line_blocks(path: str) -> Iterator[Block]:
+    """A JSONL file as blocks of whole lines, cut at the last newline of each read."""
+    with _open_binary(path) as f:
+        line, rest = 1, b""
+        while data := f.read(BLOCK_BYTES):
+            buf = rest + data
+            cut = buf.rfind(b"\n") + 1  # 0 when one line is longer than a read: read on
+            if cut:
+                yield Block(path, line, "lines", buf[:cut])
+                line += buf.count(b"\n", 0, cut)
+            rest = buf[cut:]
+        if rest:
+            yield Block(path, line, "lines", rest)
+
+
+def _parquet_blocks(path: str) -> Iterator[Block]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise user_error(path, f"not a readable Parquet file ({e})", "check the file") from None
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
-            row += 1
-            yield row, rec
+    meta = pf.metadata
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    rows = max(1, min(65536, BLOCK_BYTES * meta.num_rows // max(size, 1)))  # rows of ~BLOCK_BYTES
+    row = 1
+    for batch in pf.iter_batches(batch_size=rows):
+        yield Block(path, row, "arrow", batch)
+        row += len(batch)
 
 
-def _records(path: str, on_error: OnError, text_ok: bool) -> Iterator[tuple[int, object]]:
-    """(line or row, record) for one file; a record is a str (.txt) or a decoded JSON value."""
-    try:
-        if path.endswith((".txt", ".txt.gz")):
-            if not text_ok:
-                raise user_error(path, "plain text holds no conversations", "use .jsonl, .json or .parquet")
-            yield from _txt_records(path)
-        elif path.endswith((".jsonl", ".jsonl.gz")):
-            yield from _jsonl_records(path, on_error)
-        elif path.endswith((".json", ".json.gz")):
-            yield from _json_records(path)
-        else:
-            yield from _parquet_records(path)
-    except UnicodeDecodeError as e:
-        raise user_error(path, f"not valid UTF-8 (byte {e.start} of a read chunk)", "convert the file to UTF-8") from None
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise user_error(path, f"damaged gzip file ({e})", "re-download or recompress it") from None
+def _record_blocks(path: str, records: Iterator[tuple[int, object]]) -> Iterator[Block]:
+    """Records split out in this process (.txt documents, .json elements), grouped into blocks."""
+    group, size = [], 0
+    for n, rec in records:
+        group.append((n, rec))
+        size += len(rec) * 3 if isinstance(rec, str) else BLOCK_BYTES // JSON_RECORDS_PER_BLOCK
+        if size >= BLOCK_BYTES:
+            yield Block(path, group[0][0], "records", group)
+            group, size = [], 0
+    if group:
+        yield Block(path, group[0][0], "records", group)
+
+
+def read_blocks(paths: list[str], kind: str) -> Iterator[Block]:
+    """The files of `paths`, in order, as Blocks for parse_block(block, kind)."""
+    for path in expand_paths(paths):
+        try:
+            if path.endswith((".txt", ".txt.gz")):
+                if kind != "pretrain":
+                    raise user_error(path, "plain text holds no conversations", "use .jsonl, .json or .parquet")
+                yield from _record_blocks(path, _txt_records(path))
+            elif path.endswith((".jsonl", ".jsonl.gz")):
+                yield from _line_blocks(path)
+            elif path.endswith((".json", ".json.gz")):
+                yield from _record_blocks(path, _json_records(path))
+            else:
+                yield from _parquet_blocks(path)
+        except UnicodeDecodeError as e:
+            raise user_error(path, f"not valid UTF-8 (byte {e.start} of a read chunk)", "convert the file to UTF-8") from None
+        except (gzip.BadGzipFile, EOFError) as e:
+            raise user_error(path, f"damaged gzip file ({e})", "re-download or recompress it") from None
+
+
+def _block_records(block: Block, on_error: OnError) -> Iterator[tuple[int, object]]:
+    """(line or row, record) for every record of a block; a record is a str or a decoded JSON value."""
+    if block.form == "arrow":
+        yield from enumerate(block.data.to_pylist(), block.line)
+    elif block.form == "records":
+        yield from block.data
+    else:
+        try:
+            text = block.data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise user_error(block.path, "not valid UTF-8", "convert the file to UTF-8",
+                             line=block.line + block.data.count(b"\n", 0, e.start)) from None
+        for n, line in enumerate(text.split("\n"), block.line):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                _fail(user_error(block.path, f"malformed JSON ({e.msg} at column {e.pos + 1})",
+                                 "fix or remove the line", line=n), on_error)
 
 
 def _fail(err: NanozhError, on_error: OnError) -> None:
@@ -185,17 +249,17 @@ def _fail(err: NanozhError, on_error: OnError) -> None:
     on_error(err)
 
 
-def _stream(paths: list[str], parse: Callable, on_error: OnError, text_ok: bool = False) -> Iterator:
-    """Apply parse(record) -> value to every record, turning a ValueError into a NanozhError at
-    its file:line."""
-    for path in expand_paths(paths):
-        for n, rec in _records(path, on_error, text_ok):
-            try:
-                value = parse(rec)
-            except ValueError as e:
-                _fail(user_error(path, *e.args, line=n), on_error)
-                continue
-            yield f"{path}:{n}", value
+def parse_block(block: Block, kind: str, on_error: OnError = None) -> Iterator[tuple[str, object]]:
+    """(where, value) for every good record of a block, parsed by the field conventions of `kind`;
+    a ValueError from them becomes a NanozhError at the record's file:line."""
+    parse = PARSERS[kind]
+    for n, rec in _block_records(block, on_error):
+        try:
+            value = parse(rec)
+        except ValueError as e:
+            _fail(user_error(block.path, *e.args, line=n), on_error)
+            continue
+        yield f"{block.path}:{n}", value
 
 
 # ----------------------------------------------------------------------------- field conventions
@@ -304,16 +368,24 @@ def _dpo_triple(rec: object) -> dict:
 
 # ----------------------------------------------------------------------------- public API
 
+PARSERS = {"pretrain": _pretrain_text, "sft": _sft_messages, "dpo": _dpo_triple}
+
+
+def _stream(paths: list[str], kind: str, on_error: OnError) -> Iterator:
+    for block in read_blocks(paths, kind):
+        yield from parse_block(block, kind, on_error)
+
+
 def iter_pretrain(paths: list[str], on_error: OnError = None) -> Iterator[tuple[str, str]]:
     """(where, text) for every pretraining document."""
-    return _stream(paths, _pretrain_text, on_error, text_ok=True)
+    return _stream(paths, "pretrain", on_error)
 
 
 def iter_sft(paths: list[str], on_error: OnError = None) -> Iterator[tuple[str, list[dict]]]:
     """(where, messages) for every conversation; messages end with an assistant turn."""
-    return _stream(paths, _sft_messages, on_error)
+    return _stream(paths, "sft", on_error)
 
 
 def iter_dpo(paths: list[str], on_error: OnError = None) -> Iterator[tuple[str, dict]]:
     """(where, {"prompt": messages, "chosen": str, "rejected": str}) for every preference triple."""
-    return _stream(paths, _dpo_triple, on_error)
+    return _stream(paths, "dpo", on_error)

@@ -72,12 +72,29 @@ def test_json_decoding_does_not_depend_on_chunk_boundaries(tmp_path):
         assert [r for _, r in sources._json_records(str(p), chunk)] == rows
 
 
-def test_parquet_rows_are_read_in_batches(tmp_path):
+def test_parquet_rows_are_read_in_batches(tmp_path, monkeypatch):
     p = tmp_path / "a.parquet"
     pq.write_table(pa.table({"text": [f"文档{i}" for i in range(2500)], "source": ["s"] * 2500}), p,
                    compression="zstd", row_group_size=1000)
-    got = list(iter_pretrain([str(p)]))
-    assert len(got) == 2500 and got[2499] == (f"{p}:2500", "文档2499")
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)  # blocks of a few dozen rows
+    assert len(list(sources.read_blocks([str(p)], "pretrain"))) > 20
+    assert list(iter_pretrain([str(p)])) == [(f"{p}:{i + 1}", f"文档{i}") for i in range(2500)]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_jsonl_blocks_cut_at_line_ends_and_keep_line_numbers(tmp_path, monkeypatch, gz):
+    rows = [{"text": "字" * (i % 50 + 1)} for i in range(300)]
+    p = write_jsonl(tmp_path / ("a.jsonl.gz" if gz else "a.jsonl"), rows, gz=gz)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 100)  # shorter than many lines: a block waits for its line end
+    blocks = list(sources.read_blocks([p], "pretrain"))
+    assert len(blocks) > 50 and all(b.data.endswith(b"\n") for b in blocks)
+    assert list(iter_pretrain([p])) == [(f"{p}:{i + 1}", r["text"]) for i, r in enumerate(rows)]
+
+
+def test_non_utf8_jsonl_names_the_line(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n' + '{"text": "中文"}\n'.encode("gbk"))
+    assert error_of(iter_pretrain([str(p)])) == f"nanozh: {p}:2: not valid UTF-8 (convert the file to UTF-8)"
 
 
 def test_directory_expands_to_its_supported_files_sorted(tmp_path):
@@ -169,7 +186,7 @@ def test_malformed_jsonl_line_is_one_line_error(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text('{"text": "好"}\n{"text": "坏"\n', encoding="utf-8")
     assert error_of(iter_pretrain([str(p)])) == (
-        f"nanozh: {p}:2: malformed JSON (Expecting ',' delimiter at column 14) (fix or remove the line)")
+        f"nanozh: {p}:2: malformed JSON (Expecting ',' delimiter at column 13) (fix or remove the line)")
 
 
 def test_on_error_reports_and_skips_bad_records(tmp_path):
