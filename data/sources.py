@@ -141,9 +141,23 @@ def _json_records(path: str, chunk_chars: int = 1 << 20) -> Iterator[tuple[int, 
                 more = f.read(max(chunk_chars, len(buf)))  # doubling keeps a huge element linear
                 eof = not more
                 buf, pos = buf[pos:] + more, 0
-            yield line, obj
+            yield line, _lone_surrogate_error(path, line, buf[pos:end], obj) or obj
             line += buf.count("\n", pos, end)
             pos = end
+
+
+def _lone_surrogate_error(path: str, line: int, raw: str, value: object) -> NanozhError | None:
+    """The error for a JSON value holding half of a surrogate pair (an escape such as \\ud800 with
+    no partner): valid JSON, but not Unicode, so no UTF-8 encoder takes it. Only the rare raw
+    text with a \\ud escape is checked."""
+    if "\\ud" not in raw and "\\uD" not in raw:
+        return None
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return user_error(path, "a lone surrogate escape (\\ud800-\\udfff) is not valid Unicode",
+                          "fix or remove the record", line=line)
+    return None
 
 
 @dataclass
@@ -183,7 +197,8 @@ def _parquet_blocks(path: str) -> Iterator[Block]:
     size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     rows = max(1, min(65536, BLOCK_BYTES * meta.num_rows // max(size, 1)))  # rows of ~BLOCK_BYTES
     row = 1
-    for batch in pf.iter_batches(batch_size=rows):
+    # one thread: pyarrow's pool would compete with the worker processes for the same cores
+    for batch in pf.iter_batches(batch_size=rows, use_threads=False):
         yield Block(path, row, "arrow", batch)
         row += len(batch)
 
@@ -226,7 +241,11 @@ def _block_records(block: Block, on_error: OnError) -> Iterator[tuple[int, objec
     if block.form == "arrow":
         yield from enumerate(block.data.to_pylist(), block.line)
     elif block.form == "records":
-        yield from block.data
+        for n, rec in block.data:
+            if isinstance(rec, NanozhError):  # found by _json_records, reported here like the others
+                _fail(rec, on_error)
+            else:
+                yield n, rec
     else:
         try:
             text = block.data.decode("utf-8")
@@ -237,10 +256,15 @@ def _block_records(block: Block, on_error: OnError) -> Iterator[tuple[int, objec
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
                 _fail(user_error(block.path, f"malformed JSON ({e.msg} at column {e.pos + 1})",
                                  "fix or remove the line", line=n), on_error)
+                continue
+            if err := _lone_surrogate_error(block.path, n, line, rec):
+                _fail(err, on_error)
+            else:
+                yield n, rec
 
 
 def _fail(err: NanozhError, on_error: OnError) -> None:

@@ -198,6 +198,18 @@ def test_on_error_reports_and_skips_bad_records(tmp_path):
     assert [str(e).split(": ")[1] for e in errors] == [f"{p}:1", f"{p}:2"]
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_lone_surrogate_escape_is_a_bad_record_but_a_pair_is_an_emoji(tmp_path, suffix):
+    # "\\ud800" alone is valid JSON but not Unicode: nothing downstream could encode it to UTF-8
+    lines = ['{"text": "好文档"}', '{"text": "坏\\uD800文档"}', '{"text": "笑\\ud83d\\ude00"}']
+    p = tmp_path / f"a{suffix}"
+    p.write_text("\n".join(lines) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(lines) + "]", encoding="utf-8")
+    errors = []
+    assert [t for _, t in iter_pretrain([str(p)], on_error=errors.append)] == ["好文档", "笑😀"]
+    assert [str(e) for e in errors] == [
+        f"nanozh: {p}:2: a lone surrogate escape (\\ud800-\\udfff) is not valid Unicode (fix or remove the record)"]
+
+
 def test_pretrain_row_without_text_names_its_fields(tmp_path):
     p = tmp_path / "a.parquet"
     pq.write_table(pa.table({"body": ["正文"], "title": ["标题"]}), p)
