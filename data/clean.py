@@ -363,7 +363,8 @@ class CleanStats:
         """Count one document: the rules that changed it, and the reason it was dropped, if it was
         ("min_chars" from clean_text, "exact"/"near" from Deduplicator.check, or any other)."""
         self.docs_in += 1
-        self.changed.update(r for r in rules if r != dropped)
+        if rules:  # most documents: none, and Counter.update costs even when given nothing
+            self.changed.update(r for r in rules if r != dropped)
         if dropped:
             self.dropped[dropped] += 1
         else:
