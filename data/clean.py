@@ -72,8 +72,8 @@ TRAILING = re.compile(r"[ \t]+\n")
 BLANK_RUNS = re.compile(r"\n\n\n+")  # a literal prefix: re finds it at memchr speed
 # Unicode punctuation (P*) and symbols (S*) of the BMP, spelled out: re matches a set of chars
 # ~3x faster than [^\w\s]; letters, digits, CJK (哈哈哈哈, 二〇〇〇) and whitespace never match
-PUNCT = "".join(re.escape(chr(c)) for c in range(0x10000) if unicodedata.category(chr(c))[0] in "PS")
-PUNCT_RUN = re.compile(f"([{PUNCT}])\\1\\1+")
+PUNCT_CHARS = [chr(c) for c in range(0x10000) if unicodedata.category(chr(c))[0] in "PS"]
+PUNCT_RUN = re.compile(f"([{''.join(map(re.escape, PUNCT_CHARS))}])\\1\\1+")
 
 
 def _whitespace(text: str, odd: bool) -> str:
@@ -112,19 +112,19 @@ def clean_text(text: str, cfg: CleanConfig) -> tuple[str, list[str]]:
     return text, changed
 
 
-ODD_CHAR, RUN_CHAR = 1, 2  # bits of _char_flags()
+ODD_CHAR, RUN3_CHAR, RUN4_CHAR = 1, 2, 4  # bits of _char_flags()
 
 
 @lru_cache(maxsize=1)
 def _char_flags() -> np.ndarray:
     """A uint8 per code point: ODD_CHAR for the characters the whitespace and control_chars rules
-    replace, RUN_CHAR for those whose runs of 3 repeated_punct (punctuation) or whitespace (\n)
-    shortens. Every such character is in the BMP."""
+    replace; RUN3_CHAR for those whose runs of 3 are shortened (\n by whitespace, … and — by
+    repeated_punct); RUN4_CHAR for the other punctuation, whose runs are cut to 3, so only a run
+    of 4 changes. Every such character is in the BMP."""
     flags = np.zeros(0x110000, dtype=np.uint8)
-    bmp = [chr(c) for c in range(0x10000)]
-    flags[[i for i, c in enumerate(bmp) if ODD.match(c)]] |= ODD_CHAR
-    flags[[i for i, c in enumerate(bmp) if PUNCT_RUN.match(c * 3)]] |= RUN_CHAR
-    flags[ord("\n")] |= RUN_CHAR
+    flags[[c for c in range(0x10000) if ODD.match(chr(c))]] |= ODD_CHAR
+    flags[[ord(c) for c in PUNCT_CHARS]] |= RUN4_CHAR
+    flags[[ord("\n"), ord("…"), ord("—")]] = RUN3_CHAR
     return flags
 
 
@@ -132,19 +132,21 @@ def clean_texts(texts: list[str], cfg: CleanConfig) -> list[tuple[str, list[str]
     """[clean_text(t, cfg) for t in texts], the same results ~3x faster: most texts need no rule,
     and one numpy scan of the whole batch finds the few that might, so only those pay for the
     regex scans. A text is flagged when it holds a character the whitespace or control_chars
-    rules replace, a run of 3 punctuation marks or newlines, a space or tab before a newline, or
-    whitespace at either end; a text with none of these is unchanged by every rule but NFKC."""
+    rules replace, a run of 3 newlines, … or —, a run of 4 of another punctuation mark, a space
+    or tab before a newline, or whitespace at either end; a text with none of these is unchanged
+    by every rule but NFKC. (Runs of 3, like "..." in code, are common and need no change.)"""
     if cfg.nfkc or not texts:
         return [clean_text(t, cfg) for t in texts]
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     cp = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
-    flags = _char_flags()[cp]
+    flags = np.take(_char_flags(), cp)  # take: a plain gather, cheaper than fancy indexing
     same = cp[1:] == cp[:-1]
-    run = np.flatnonzero(same[1:] & same[:-1])  # cp[i] == cp[i + 1] == cp[i + 2]
+    run3 = np.flatnonzero(same[1:] & same[:-1])  # cp[i] == cp[i + 1] == cp[i + 2]
+    run4 = np.flatnonzero(same[2:] & same[1:-1] & same[:-2])  # ... == cp[i + 3]
     newline = cp[1:] == ord("\n")
     trailing = newline & ((cp[:-1] == ord(" ")) | (cp[:-1] == ord("\t")))
-    hits = np.concatenate([np.flatnonzero(flags & ODD_CHAR), run[(flags[run] & RUN_CHAR) != 0],
-                           np.flatnonzero(trailing)])
+    hits = np.concatenate([np.flatnonzero(flags & ODD_CHAR), run3[(flags[run3] & RUN3_CHAR) != 0],
+                           run4[(flags[run4] & RUN4_CHAR) != 0], np.flatnonzero(trailing)])
     # a hit at position i belongs to the text whose span holds i (a run across two texts flags both: harmless)
     flagged = set(np.searchsorted(np.cumsum(lengths), hits, side="right").tolist())
     min_chars = max(cfg.min_chars, 1)
@@ -179,7 +181,8 @@ def _gram_hashes(cp: np.ndarray, n: int) -> np.ndarray:
     with an odd multiplier. The last multiply carries the last character into the high bits too, so
     the high bits mix every character of the gram (the low bits do not: we only use high bits)."""
     length = len(cp) - n + 1
-    h = cp[:length].astype(np.uint64)
+    cp = cp.astype(np.uint64)  # once, not once per addition below
+    h = cp[:length].copy()
     for k in range(1, n):
         h *= MIX
         h += cp[k:k + length]
