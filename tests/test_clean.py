@@ -162,6 +162,26 @@ def test_check_many_equals_check_one_by_one_including_repeats_within_a_batch():
     assert got == want and want.count("exact") == 2 and want.count("near") == 1
 
 
+@pytest.mark.parametrize("exact,near", [(True, True), (True, False), (False, True)])
+def test_batches_decide_like_one_document_at_a_time(exact, near):
+    # repeats and near copies within a batch and across batches, texts too short for an n-gram,
+    # and copies that are both an exact repeat of one kept text and a near copy of another
+    rng, cfg = random.Random(7), CleanConfig(exact_dedup=exact, near_dedup=near)
+    base = [random_doc(rng, rng.randrange(30, 300)) for _ in range(40)] + ["短文", "短文本", "四个字啊"]
+    docs = base + [rng.choice(base) for _ in range(40)] + [mutate(rng, rng.choice(base[:40]), 1) for _ in range(40)]
+    rng.shuffle(docs)
+    docs += [docs[0], mutate(rng, docs[0], 1)] * 3
+    one = Deduplicator(cfg)
+    want = [one.check(d) for d in docs]
+    many, got, i = Deduplicator(cfg), [], 0
+    while i < len(docs):
+        n = rng.choice((1, 5, 30, 80))
+        got += many.check_many(docs[i:i + n])
+        i += n
+    assert got == want
+    assert (want.count("exact") > 20) == exact and (want.count("near") > 20) == near
+
+
 def test_dedup_rules_can_be_switched_off():
     rng = random.Random(3)
     a = random_doc(rng, 300)
