@@ -141,16 +141,17 @@ def _json_records(path: str, chunk_chars: int = 1 << 20) -> Iterator[tuple[int, 
                 more = f.read(max(chunk_chars, len(buf)))  # doubling keeps a huge element linear
                 eof = not more
                 buf, pos = buf[pos:] + more, 0
-            yield line, _lone_surrogate_error(path, line, buf[pos:end], obj) or obj
+            yield line, _lone_surrogate_error(path, line, obj, buf, pos, end) or obj
             line += buf.count("\n", pos, end)
             pos = end
 
 
-def _lone_surrogate_error(path: str, line: int, raw: str, value: object) -> NanozhError | None:
+def _lone_surrogate_error(path: str, line: int, value: object, raw: str, start: int = 0,
+                          end: int | None = None) -> NanozhError | None:
     """The error for a JSON value holding half of a surrogate pair (an escape such as \\ud800 with
-    no partner): valid JSON, but not Unicode, so no UTF-8 encoder takes it. Only the rare raw
-    text with a \\ud escape is checked."""
-    if "\\ud" not in raw and "\\uD" not in raw:
+    no partner): valid JSON, but not Unicode, so no UTF-8 encoder takes it. Only a value whose raw
+    text raw[start:end] has a \\ud escape (rare) is checked."""
+    if raw.find("\\ud", start, end) < 0 and raw.find("\\uD", start, end) < 0:
         return None
     try:
         json.dumps(value, ensure_ascii=False).encode()
@@ -261,7 +262,7 @@ def _block_records(block: Block, on_error: OnError) -> Iterator[tuple[int, objec
                 _fail(user_error(block.path, f"malformed JSON ({e.msg} at column {e.pos + 1})",
                                  "fix or remove the line", line=n), on_error)
                 continue
-            if err := _lone_surrogate_error(block.path, n, line, rec):
+            if err := _lone_surrogate_error(block.path, n, rec, line):
                 _fail(err, on_error)
             else:
                 yield n, rec
