@@ -53,7 +53,7 @@ def measure(fn, q, k, v, do, rep: int) -> tuple[float, float, float, float]:
     fwd = bench(lambda: fn(q, k, v))
     out = fn(q, k, v)
     bwd = bench(lambda: out.backward(do, retain_graph=True))
-    del out
+    out = None  # frees its graph before the next measurement
     both = bench(lambda: fn(q, k, v).backward(do))
     for t in (q, k, v):
         t.grad = None

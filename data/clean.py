@@ -13,9 +13,9 @@ clean_text(text, cfg) applies, in this order, the rules that are switched on:
                     in pairs (…… ——).
     min_chars       a document left with fewer than min_chars characters (or none) is dropped.
 It returns the cleaned text and the names of the rules that changed it; a dropped document comes
-back as "" with "min_chars" last. clean_texts does the same for a batch, faster. clean_text(s),
-exact_keys and minhash_signatures are pure functions of their arguments, so prepare.py runs them
-in its workers and sends the main process only the keys and signatures.
+back as "" with "min_chars" last. clean_texts does the same for a batch, faster. clean_text(s)
+and dedup_keys are pure functions of their arguments, so prepare.py runs them in its workers and
+sends the main process only the keys: 1 + bands 64-bit numbers per document.
 
 Deduplicator (one per corpus, in the main process) drops
     exact  a document whose cleaned text has the same 64-bit blake2b hash as a kept one;
@@ -23,7 +23,7 @@ Deduplicator (one per corpus, in the main process) drops
            documents whose estimated Jaccard similarity over character 5-grams is above
            near_threshold (the S-curve of the band/row split chosen for it, see lsh_bands);
            a text shorter than ngram characters has no n-grams and is only deduplicated exactly.
-No text is kept: its memory is ~8 bytes per key and 1 + bands keys per kept document, 80 MB per
+No text is kept: its memory is 8 bytes per key and 1 + bands keys per kept document, 80 MB per
 million documents with the defaults (9 bands), however long the documents.
 """
 
@@ -50,13 +50,14 @@ class CleanConfig:
     near_dedup: bool = True
     near_threshold: float = 0.8   # estimated Jaccard over character 5-grams
     ngram: int = 5
-    num_perm: int = 128           # MinHash size; bands x rows <= num_perm chosen from the threshold
+    num_perm: int = 128           # MinHash size (a power of 2); bands x rows <= num_perm chosen from the threshold
 
     def __post_init__(self):
         if not 0.0 < self.near_threshold < 1.0:
             raise user_error("near_threshold", f"{self.near_threshold} is not between 0 and 1", "e.g. 0.8")
-        if self.ngram < 1 or self.num_perm < 1:
-            raise user_error("ngram/num_perm", f"{self.ngram}/{self.num_perm} must be positive", "defaults: 5/128")
+        if self.ngram < 1 or self.num_perm < 2 or self.num_perm & (self.num_perm - 1):
+            raise user_error("ngram/num_perm", f"{self.ngram}/{self.num_perm}: ngram must be positive and num_perm "
+                             "a power of 2 (its bin is the top bits of a hash)", "defaults: 5/128")
 
 
 # ----------------------------------------------------------------------------- cleaning
@@ -170,29 +171,25 @@ def clean_texts(texts: list[str], cfg: CleanConfig) -> list[tuple[str, list[str]
 # neighbouring bins of an LSH band agree together: it let short poems that share only a title line
 # through as near duplicates.
 
-U64 = np.uint64
+U32, U64 = np.uint32, np.uint64
 EMPTY = np.iinfo(np.uint32).max  # a bin no n-gram fell into
-MIX = U64(0x9E3779B97F4A7C15)
-VALUE = U64(0xD6E8FEB86659FD93)
+GRAM_MIX, VALUE_MIX = U32(0x9E3779B1), U32(0x85EBCA77)  # odd: multiplying by them mod 2^32 is a bijection
+PROBE_MIX = U64(0x9E3779B97F4A7C15)
 
 
 def _gram_hashes(cp: np.ndarray, n: int) -> np.ndarray:
-    """A 64-bit polynomial hash of every n-gram cp[i : i + n] of an array of code points, mod 2^64
-    with an odd multiplier. The last multiply carries the last character into the high bits too, so
-    the high bits mix every character of the gram (the low bits do not: we only use high bits)."""
+    """A 32-bit polynomial hash of every n-gram cp[i : i + n] of a uint32 array of code points, mod
+    2^32 with an odd multiplier. Its high bits mix every character of the gram (the low bits do
+    not: only high bits are used). 32 bits, not 64: numpy multiplies twice as many per instruction,
+    and two distinct grams of a pair of 1,000-character documents collide with p ~ 1e-4, which
+    moves their estimated similarity by one gram's worth."""
     length = len(cp) - n + 1
-    cp = cp.astype(np.uint64)  # once, not once per addition below
     h = cp[:length].copy()
     for k in range(1, n):
-        h *= MIX
+        h *= GRAM_MIX
         h += cp[k:k + length]
-    h *= MIX
+    h *= GRAM_MIX  # carries the last character into the high bits too
     return h
-
-
-def _high_halves(x: np.ndarray) -> np.ndarray:
-    """The high 32 bits of each uint64, as a uint32 view (no copy; numpy runs on little-endian)."""
-    return x.view(np.uint32)[1::2]
 
 
 def minhash_signatures(texts: list[str], cfg: CleanConfig) -> np.ndarray:
@@ -207,13 +204,12 @@ def minhash_signatures(texts: list[str], cfg: CleanConfig) -> np.ndarray:
     if len(cp) < n:
         return sig
     h = _gram_hashes(cp, n)
-    # value: the high 32 bits of h times another odd constant (a different function of the gram);
-    # bin: the high 32 bits of h scaled to [0, k) without modulo bias, plus the text's row offset
-    value = _high_halves(h * VALUE).copy()
-    where = _high_halves(h).astype(np.int64)
-    where *= k
-    where >>= 32
+    # bin: the top log2(k) bits of h, plus the text's row offset; value: h times another odd
+    # constant, whose high bits are a different function of the gram
+    where = (h >> U32(32 - k.bit_length() + 1)).astype(np.intp)
     where += np.repeat(np.arange(len(texts)) * k, lengths)[:len(h)]
+    value = h
+    value *= VALUE_MIX
     # the n - 1 positions before each text's end start grams that run into the next text
     crossing = np.cumsum(lengths)[:, None] - np.arange(1, n)
     value[crossing[(crossing >= 0) & (crossing < len(h))]] = EMPTY
@@ -225,7 +221,7 @@ def minhash_signatures(texts: list[str], cfg: CleanConfig) -> np.ndarray:
         # the next `probes` picks of every empty bin at once, twice as many each round: short
         # texts need hundreds of probes for their last empty bin, most bins only one or two
         picks = np.arange(probe + 1, probe + 1 + probes, dtype=np.uint64) << U64(32)
-        src = (bins.astype(np.uint64)[:, None] + picks) * MIX  # bin j's probe-th pick
+        src = (bins.astype(np.uint64)[:, None] + picks) * PROBE_MIX  # bin j's probe-th pick
         src >>= U64(32)
         src *= U64(k)
         src >>= U64(32)
@@ -258,33 +254,69 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
+@lru_cache(maxsize=None)
+def _band_multipliers(bands: int, rows: int) -> np.ndarray:
+    """(bands, rows) odd uint64 multipliers: a band's key is sum(row value x multiplier) mod 2^64,
+    so equal values in different bands give different keys. The fixed seed makes keys the same in
+    every run and every process (drawn below 2^63 because numpy's integers() stops at int64)."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 2**63, size=(bands, rows), dtype=np.uint64) * U64(2) + U64(1)
+
+
+def exact_keys(texts: list[str]) -> np.ndarray:
+    """(len(texts),) uint64: the 64-bit blake2b of each text's UTF-8, its exact-duplicate key,
+    with the lowest bit set (so that no key is 0, which dedup_keys uses for "none").
+    prepare.py also splits train/val by it, so the same text always lands in the same split."""
+    digests = b"".join(blake2b(t.encode(), digest_size=8).digest() for t in texts)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64) | U64(1)
+
+
+def dedup_keys(texts: list[str], cfg: CleanConfig) -> np.ndarray:
+    """(len(texts), 1 + bands) uint64: each text's exact key, then its LSH band keys (the rows of
+    one band of its MinHash signature hashed into one number, with the lowest bit set), all that
+    Deduplicator.check_keys needs. A band key is 0 (none) when near_dedup is off or the text is
+    shorter than an n-gram. A pure function of the texts: prepare.py runs it in its workers."""
+    bands, rows = lsh_bands(cfg.near_threshold, cfg.num_perm)
+    keys = np.zeros((len(texts), 1 + bands), dtype=np.uint64)
+    keys[:, 0] = exact_keys(texts)
+    if cfg.near_dedup and texts:
+        sig = minhash_signatures(texts, cfg)[:, :bands * rows].reshape(len(texts), bands, rows)
+        keys[:, 1:] = (sig * _band_multipliers(bands, rows)).sum(axis=2) | U64(1)
+        keys[sig[:, 0, 0] == EMPTY, 1:] = 0  # no n-grams: only the exact key
+    return keys
+
+
 # ----------------------------------------------------------------------------- deduplication
 
 class _KeySet:
-    """A set of 64-bit keys at ~8 bytes each: new keys go to a Python set (~70 bytes a key),
-    which is merged into a sorted numpy array whenever it outgrows an eighth of it. Lookups are a
-    set test plus a binary search; each merge is linear, and they grow geometrically, so all the
-    merges together copy ~9 times the final array."""
+    """A set of 64-bit keys at 8 bytes each: sorted numpy arrays ("levels") whose sizes shrink at
+    least 4x from one to the next. Adding a batch of keys makes it a new last level, merged into
+    the one before while that is less than 4x its size; a key is copied by ~log4(keys / batch)
+    merges, and a lookup is one binary search per level (~10 levels for 10^8 keys)."""
 
     def __init__(self) -> None:
-        self.sorted = np.empty(0, dtype=np.uint64)
-        self.recent: set[int] = set()
+        self.levels: list[np.ndarray] = []
 
     def __len__(self) -> int:
-        return len(self.sorted) + len(self.recent)
+        return sum(map(len, self.levels))
 
-    def in_sorted(self, keys: np.ndarray) -> np.ndarray:
-        """Which keys are in the sorted array (the recent ones are tested with `in recent`)."""
-        if not len(self.sorted):
-            return np.zeros(keys.shape, dtype=bool)
-        i = np.searchsorted(self.sorted, keys).clip(max=len(self.sorted) - 1)
-        return self.sorted[i] == keys
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """Which of these keys (any shape) are in the set."""
+        found = np.zeros(keys.shape, dtype=bool)
+        for level in self.levels:
+            i = np.searchsorted(level, keys).clip(max=len(level) - 1)
+            found |= level[i] == keys
+        return found
 
-    def merge_recent(self) -> None:
-        if len(self.recent) > max(1 << 16, len(self.sorted) // 8):
-            new = np.sort(np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
-            self.sorted = np.insert(self.sorted, np.searchsorted(self.sorted, new), new)
-            self.recent.clear()
+    def add(self, keys: np.ndarray) -> None:
+        """Add keys that are not in the set yet."""
+        if not keys.size:
+            return
+        new = np.sort(keys, axis=None)
+        while self.levels and len(self.levels[-1]) < 4 * len(new):
+            # two sorted runs: the stable sort (timsort for uint64) merges them in linear time
+            new = np.sort(np.concatenate([self.levels.pop(), new]), kind="stable")
+        self.levels.append(new)
 
 
 class Deduplicator:
@@ -292,13 +324,10 @@ class Deduplicator:
 
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg
-        self.bands, self.rows = lsh_bands(cfg.near_threshold, cfg.num_perm)
-        # a band's key is sum(row value x multiplier) mod 2^64 with odd multipliers of its own, so
-        # equal values in different bands give different keys; the fixed seed makes keys the same
-        # in every run (drawn below 2^63 because numpy's integers() stops at int64)
-        rng = np.random.default_rng(0)
-        self.mult = rng.integers(0, 2**63, size=(self.bands, self.rows), dtype=np.uint64) * U64(2) + U64(1)
-        self.seen = _KeySet()  # exact keys (blake2b of the text) and band keys together
+        bands, _ = lsh_bands(cfg.near_threshold, cfg.num_perm)
+        # the columns of dedup_keys() that the switched-on rules compare
+        self.cols = slice(0 if cfg.exact_dedup else 1, 1 + bands if cfg.near_dedup else 1)
+        self.seen = _KeySet()  # the exact and band keys of every kept document
 
     def check(self, text: str) -> str | None:
         """None if the document is new (it is then remembered), else "exact" or "near"."""
@@ -306,47 +335,44 @@ class Deduplicator:
 
     def check_many(self, texts: list[str]) -> list[str | None]:
         """check() for a batch, in order (a text may repeat one earlier in the same batch)."""
-        signatures = minhash_signatures(texts, self.cfg) if self.cfg.near_dedup else None
-        return self.check_keys(exact_keys(texts), signatures)
+        return self.check_keys(dedup_keys(texts, self.cfg))
 
-    def check_keys(self, exact: np.ndarray, signatures: np.ndarray | None) -> list[str | None]:
-        """check_many() from what a worker computed for each text: its exact_keys() and (when
-        near_dedup is on) its minhash_signatures(). prepare.py's main process runs this for the
-        whole corpus, so the numpy work is done once per batch."""
-        cols = []
-        if self.cfg.exact_dedup:
-            cols.append(exact[:, None])
-        if self.cfg.near_dedup:
-            has_grams = signatures[:, 0] != EMPTY
-            bands = signatures[:, :self.bands * self.rows].reshape(len(signatures), self.bands, self.rows)
-            cols.append((bands * self.mult).sum(axis=2))
-        if not cols:
-            return [None] * len(exact)
-        keys = np.concatenate(cols, axis=1)
-        stored = self.seen.in_sorted(keys)  # against the documents of earlier batches
-        exact, recent = self.cfg.exact_dedup, self.seen.recent
-        if self.cfg.near_dedup:  # a text with no n-grams (shorter than ngram) has only its exact key
-            stored[:, exact:] &= has_grams[:, None]
-        verdicts = []
-        for i, (row, exact_stored, any_stored) in enumerate(zip(keys.tolist(), stored[:, 0].tolist(), stored.any(axis=1).tolist())):
-            if self.cfg.near_dedup and not has_grams[i]:
-                row = row[:exact]
-            if exact and (exact_stored or row[0] in recent):
-                verdicts.append("exact")
-            elif any_stored or not recent.isdisjoint(row):
-                verdicts.append("near")
+    def check_keys(self, keys: np.ndarray) -> list[str | None]:
+        """check_many() from the texts' dedup_keys(), which prepare.py's workers compute. A
+        document is a repeat when one of its keys is a key of a document kept before it: "exact"
+        when that is its exact key, else "near". Most documents share no key with anything, so
+        numpy finds the few that do, and only those are decided one by one."""
+        keys = keys[:, self.cols]
+        n, width = keys.shape
+        if not width:
+            return [None] * n
+        valid = keys != 0
+        stored = self.seen.contains(keys) & valid  # a key of a document kept in an earlier batch
+        # a key already met earlier in this batch (row-major order is document order)
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        first_doc = (first // width)[inverse].reshape(n, width)
+        repeated = (first_doc < np.arange(n)[:, None]) & valid
+        suspects = np.flatnonzero((stored | repeated).any(axis=1))
+        kept = np.ones(n, dtype=bool)
+        verdicts: list[str | None] = [None] * n
+        # every document but a suspect is kept, and shares no key with an earlier one; a suspect's
+        # key that first appeared in such a document is seen, and so is one of a kept suspect
+        seen_earlier = repeated & ~np.isin(first_doc, suspects)
+        kept_keys: set[int] = set()
+        exact = self.cfg.exact_dedup
+        for i in suspects.tolist():
+            row = keys[i][valid[i]].tolist()
+            hit = stored[i][valid[i]] | seen_earlier[i][valid[i]] | np.array([k in kept_keys for k in row])
+            if exact and hit[0]:
+                verdicts[i] = "exact"
+            elif hit.any():
+                verdicts[i] = "near"
             else:
-                recent.update(row)
-                verdicts.append(None)
-        self.seen.merge_recent()
+                kept_keys.update(row)
+                continue
+            kept[i] = False
+        self.seen.add(keys[kept][valid[kept]])
         return verdicts
-
-
-def exact_keys(texts: list[str]) -> np.ndarray:
-    """(len(texts),) uint64: the 64-bit blake2b of each text's UTF-8, its exact-duplicate key.
-    prepare.py also splits train/val by it, so the same text always lands in the same split."""
-    digests = b"".join(blake2b(t.encode(), digest_size=8).digest() for t in texts)
-    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 # ----------------------------------------------------------------------------- counts

@@ -7,7 +7,8 @@
 Inputs are files or directories of .txt/.jsonl/.json/.parquet (see data/sources.py for the fields
 read). The main process reads the input as blocks of raw lines or Arrow batches (~1 MB each) and
 hands them to --workers processes, which decode the records, clean each text (data/clean.py),
-hash it, compute its MinHash signature and tokenize it; the main process takes the results back
+tokenize it and compute its dedup keys (a hash, and the LSH bands of its MinHash signature); the
+main process takes the results back
 in input order, drops exact and near duplicates (that needs every earlier document, so it cannot
 be split across workers), and appends what survives to the train or val split, chosen by a hash
 of the document so that the same text always lands in the same split. At most a few blocks per
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import numpy as np
 from tqdm import tqdm
 
-from data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, clean_texts, exact_keys, minhash_signatures
+from data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, clean_texts, dedup_keys
 from data.shards import SplitWriter, token_dtype, write_meta
 from data.sources import Block, parse_block, read_blocks
 from errors import NanozhError, exit_on_user_error, user_error
@@ -66,8 +67,7 @@ class Chunk:
     items: list[tuple] = field(default_factory=list)     # per survivor: what SplitWriter.add takes
     tokens: np.ndarray | None = None                     # pretrain: all survivors' tokens back to back,
     offsets: np.ndarray | None = None                    # survivor j is tokens[offsets[j]:offsets[j+1]]
-    keys: np.ndarray | None = None                       # per survivor: exact_keys() of its text
-    signatures: np.ndarray | None = None                 # and its minhash_signatures() row
+    keys: np.ndarray | None = None                       # per survivor: dedup_keys() of its text
     val: np.ndarray | None = None                        # and whether it goes to the val split
 
     def record(self, rules: list[str], drop: str | None = None, error: str | None = None) -> None:
@@ -125,7 +125,7 @@ def _pretrain(block: Block) -> Chunk:
     tok = _W["tok"]
     ids = tok.encode_batch(chunk.texts, num_threads=1)
     # sentencepiece leaves each str's UTF-8 cached in it (CPython's PyUnicode_AsUTF8), so str.encode
-    # after it is a copy, not an encode: this, and exact_keys() later, are ~15x cheaper here
+    # after it is a copy, not an encode: this, and dedup_keys() later, are ~15x cheaper here
     chunk.n_bytes = sum(len(text.encode()) for text in texts)
     tokens = array.array("I")  # the fastest way from Python ints to a numpy array (fromlist, not extend)
     for doc in ids:
@@ -215,11 +215,8 @@ WORK = {"pretrain": _pretrain, "sft": _sft, "dpo": _dpo}
 
 def _work(block: Block) -> Chunk:
     chunk = WORK[_W["kind"]](block)
-    cfg = _W["cfg"]
-    chunk.keys = exact_keys(chunk.texts)
-    if cfg.near_dedup:
-        chunk.signatures = minhash_signatures(chunk.texts, cfg)  # one numpy pass for the whole chunk
-    chunk.val = chunk.keys / 2**64 < _W["val_fraction"]  # split by a hash of the text
+    chunk.keys = dedup_keys(chunk.texts, _W["cfg"])  # one numpy pass for the whole chunk
+    chunk.val = chunk.keys[:, 0] / 2**64 < _W["val_fraction"]  # split by the exact key, a hash of the text
     chunk.texts = None  # the main process needs only the keys: sending the texts back would cost a copy
     return chunk
 
@@ -354,7 +351,7 @@ def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path) -> dict:
         _init(*init_args)
     with pool or nullcontext(), tqdm(desc=f"prepare {args.kind}", unit=" docs", smoothing=0.1) as bar:
         for chunk in ordered_results(pool, _work, blocks, 3 * args.workers):
-            verdicts = dedup.check_keys(chunk.keys, chunk.signatures)
+            verdicts = dedup.check_keys(chunk.keys)
             kept = {"train": [], "val": []}
             j = 0  # index of the next survivor of cleaning
             for rules, drop, error in zip(chunk.rules, chunk.drop, chunk.errors):

@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from data.clean import (EMPTY, CleanConfig, CleanStats, Deduplicator, clean_text, clean_texts, exact_keys, lsh_bands,
-                        minhash_signature, minhash_signatures)
+from data.clean import (EMPTY, CleanConfig, CleanStats, Deduplicator, _KeySet, clean_text, clean_texts, dedup_keys,
+                        lsh_bands, minhash_signature, minhash_signatures)
 from errors import NanozhError
 
 OFF = dict(whitespace=False, control_chars=False, repeated_punct=False, nfkc=False, min_chars=0)
@@ -158,7 +158,7 @@ def test_check_many_equals_check_one_by_one_including_repeats_within_a_batch():
     one = Deduplicator(cfg)
     want = [one.check(d) for d in docs]
     many = Deduplicator(cfg)
-    got = many.check_many(docs[:7]) + many.check_keys(exact_keys(docs[7:]), minhash_signatures(docs[7:], cfg))
+    got = many.check_many(docs[:7]) + many.check_keys(dedup_keys(docs[7:], cfg))
     assert got == want and want.count("exact") == 2 and want.count("near") == 1
 
 
@@ -194,13 +194,28 @@ def test_dedup_rules_can_be_switched_off():
     assert [neither.check(t) for t in (a, b, a)] == [None, None, None]
 
 
-def test_key_set_keeps_working_across_merges_into_the_sorted_array():
-    cfg = CleanConfig(near_dedup=False)
-    dedup = Deduplicator(cfg)
-    docs = [f"文档编号{i}" for i in range(70_000)]  # more keys than the 65,536 kept unsorted
-    assert dedup.check_many(docs) == [None] * len(docs)
-    assert len(dedup.seen.sorted) == len(docs) and not dedup.seen.recent
-    assert dedup.check_many(docs[::1000] + ["新的文档"]) == ["exact"] * 70 + [None]
+def test_key_set_answers_like_a_python_set_across_merges_of_its_levels():
+    rng, keys, reference = np.random.default_rng(0), _KeySet(), set()
+    for size in rng.integers(1, 2000, size=60).tolist():
+        batch = np.unique(rng.integers(1, 2**64 - 1, size=size, dtype=np.uint64, endpoint=True))
+        probe = np.concatenate([batch, rng.choice(np.array(sorted(reference) or [1], dtype=np.uint64), size=50)])
+        assert keys.contains(probe).tolist() == [k in reference for k in probe.tolist()]
+        new = batch[~keys.contains(batch)]
+        keys.add(new)
+        reference.update(new.tolist())
+    sizes = [len(level) for level in keys.levels]
+    assert len(keys) == len(reference) and len(sizes) > 2
+    assert all(a >= 4 * b for a, b in zip(sizes, sizes[1:]))  # else lookups search too many levels
+    assert all((np.diff(level.astype(np.float64)) >= 0).all() for level in keys.levels)
+
+
+def test_dedup_finds_repeats_of_documents_kept_many_batches_ago():
+    dedup = Deduplicator(CleanConfig(near_dedup=False))
+    docs = [f"文档编号{i}" for i in range(20_000)]
+    for i in range(0, len(docs), 700):
+        assert dedup.check_many(docs[i:i + 700]) == [None] * len(docs[i:i + 700])
+    assert len(dedup.seen) == len(docs) and len(dedup.seen.levels) > 1
+    assert dedup.check_many(docs[::1000] + ["新的文档"]) == ["exact"] * 20 + [None]
 
 
 # ----------------------------------------------------------------------------- counts
