@@ -5,8 +5,9 @@
     nice python bench/prepare.py --workers 2 --generate_mb 400
 
 For each corpus it measures, in the same run on the same text and the same number of cores:
-  encode   the tokenizer's raw throughput: Tokenizer.encode_batch with --workers threads over the
-           raw documents (reading them is not timed), the ceiling for a pipeline that tokenizes;
+  encode   the tokenizer's raw throughput: Tokenizer.encode_documents (sentencepiece writing ids into
+           numpy buffers, its fastest output) with --workers threads over the raw documents
+           (reading them is not timed), the ceiling for a pipeline that tokenizes;
   prepare  data/prepare.py --kind pretrain run as a subprocess with --workers processes: read,
            clean, MinHash, dedup, tokenize, write shards, all included (wall clock), and the same
            less its fixed startup cost (measured on a one-document corpus), which is a visible
@@ -72,7 +73,7 @@ def generate_corpus(paths: list[str], out_dir: Path, target_mb: float, seed: int
 
 
 def encode_throughput(tok: Tokenizer, paths: list[str], threads: int) -> tuple[int, int, float, float]:
-    """(bytes, tokens, wall seconds, CPU seconds) spent inside encode_batch over every document of
+    """(bytes, tokens, wall seconds, CPU seconds) spent inside encode_documents over every document of
     `paths`, read in batches of ~8 MB."""
     n_bytes = n_tokens = 0
     wall = cpu = 0.0
@@ -80,7 +81,7 @@ def encode_throughput(tok: Tokenizer, paths: list[str], threads: int) -> tuple[i
     def encode(batch: list[str]) -> None:
         nonlocal n_tokens, wall, cpu
         t0, c0 = time.perf_counter(), time.process_time()  # process time counts all its threads
-        n_tokens += sum(map(len, tok.encode_batch(batch, num_threads=threads)))
+        n_tokens += len(tok.encode_documents(batch, num_threads=threads)[0])
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
 

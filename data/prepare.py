@@ -25,7 +25,6 @@ a failed run leaves no output, and an existing --out is replaced only by a compl
 """
 
 import argparse
-import array
 import ctypes
 import os
 import shutil
@@ -123,17 +122,11 @@ def _pretrain(block: Block) -> Chunk:
         if cleaned:
             chunk.keep(cleaned)
     tok = _W["tok"]
-    ids = tok.encode_batch(chunk.texts, num_threads=1)
+    tokens, chunk.offsets = tok.encode_documents(chunk.texts, num_threads=1)
+    chunk.tokens = tokens.astype(token_dtype(tok.vocab_size))  # uint16 for our vocabularies: half the bytes to send back
     # sentencepiece leaves each str's UTF-8 cached in it (CPython's PyUnicode_AsUTF8), so str.encode
     # after it is a copy, not an encode: this, and dedup_keys() later, are ~15x cheaper here
     chunk.n_bytes = sum(len(text.encode()) for text in texts)
-    tokens = array.array("I")  # the fastest way from Python ints to a numpy array (fromlist, not extend)
-    for doc in ids:
-        tokens.fromlist(doc)
-        tokens.append(tok.eos_id)
-    # in the shard's dtype already (uint16 for our vocabularies): half the bytes to send back
-    chunk.tokens = np.frombuffer(tokens, dtype=np.uint32).astype(token_dtype(tok.vocab_size))
-    chunk.offsets = np.cumsum([0] + [len(doc) + 1 for doc in ids])
     return chunk
 
 

