@@ -146,7 +146,8 @@ def clean_texts(texts: list[str], cfg: CleanConfig) -> list[tuple[str, list[str]
     run4 = np.flatnonzero(same[2:] & same[1:-1] & same[:-2])  # ... == cp[i + 3]
     newline = cp[1:] == ord("\n")
     trailing = newline & ((cp[:-1] == ord(" ")) | (cp[:-1] == ord("\t")))
-    hits = np.concatenate([np.flatnonzero(flags & ODD_CHAR), run3[(flags[run3] & RUN3_CHAR) != 0],
+    # nonzero() of a bool array, not of the uint8 flags: ~10x faster
+    hits = np.concatenate([np.flatnonzero((flags & ODD_CHAR) != 0), run3[(flags[run3] & RUN3_CHAR) != 0],
                            run4[(flags[run4] & RUN4_CHAR) != 0], np.flatnonzero(trailing)])
     # a hit at position i belongs to the text whose span holds i (a run across two texts flags both: harmless)
     flagged = set(np.searchsorted(np.cumsum(lengths), hits, side="right").tolist())
