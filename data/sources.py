@@ -42,6 +42,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from errors import NanozhError, user_error
@@ -274,9 +275,24 @@ def _fail(err: NanozhError, on_error: OnError) -> None:
     on_error(err)
 
 
+def _arrow_text_column(batch) -> list[str] | None:
+    """A batch's `text` column as Python strings when every row has one: what _pretrain_text
+    would return row by row, without making a dict per row (to_pylist of the whole batch takes
+    ~1.6x as long). None when some row needs the row-by-row rules."""
+    if "text" not in batch.schema.names:
+        return None
+    column = batch.column("text")
+    if column.null_count or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return None
+    return column.to_pylist()
+
+
 def parse_block(block: Block, kind: str, on_error: OnError = None) -> Iterator[tuple[str, object]]:
     """(where, value) for every good record of a block, parsed by the field conventions of `kind`;
     a ValueError from them becomes a NanozhError at the record's file:line."""
+    if block.form == "arrow" and kind == "pretrain" and (texts := _arrow_text_column(block.data)) is not None:
+        yield from ((f"{block.path}:{n}", text) for n, text in enumerate(texts, block.line))
+        return
     parse = PARSERS[kind]
     for n, rec in _block_records(block, on_error):
         try:

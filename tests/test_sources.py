@@ -210,6 +210,20 @@ def test_lone_surrogate_escape_is_a_bad_record_but_a_pair_is_an_emoji(tmp_path, 
         f"nanozh: {p}:2: a lone surrogate escape (\\ud800-\\udfff) is not valid Unicode (fix or remove the record)"]
 
 
+def test_parquet_text_column_with_nulls_falls_back_to_the_rules_row_by_row(tmp_path):
+    # a whole string column is taken as is; one null sends its batch through the per-row rules,
+    # which take `content` instead or name the row
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["一", None, "三", None], "content": ["x", "二", "y", None]}), p)
+    errors = []
+    assert list(iter_pretrain([str(p)], on_error=errors.append)) == [(f"{p}:1", "一"), (f"{p}:2", "二"), (f"{p}:3", "三")]
+    assert [str(e) for e in errors] == [
+        f"nanozh: {p}:4: no text field (fields: text, content) (pretraining reads 'text' or 'content')"]
+    q = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"text": pa.array(["甲", "乙"], type=pa.large_string())}), q)
+    assert list(iter_pretrain([str(q)])) == [(f"{q}:1", "甲"), (f"{q}:2", "乙")]
+
+
 def test_pretrain_row_without_text_names_its_fields(tmp_path):
     p = tmp_path / "a.parquet"
     pq.write_table(pa.table({"body": ["正文"], "title": ["标题"]}), p)
