@@ -5,17 +5,20 @@
     nice python bench/prepare.py --workers 2 --generate_mb 400
 
 For each corpus it measures, in the same run on the same text and the same number of cores:
-  encode   the tokenizer's raw throughput: Tokenizer.encode_documents (sentencepiece writing ids into
-           numpy buffers, its fastest output) with --workers threads over the raw documents
-           (reading them is not timed), the ceiling for a pipeline that tokenizes;
+  encode   the tokenizer's raw throughput with --workers threads over the raw documents (reading
+           them is not timed), the ceiling for a pipeline that tokenizes, two ways:
+             numpy  Tokenizer.encode_documents: sentencepiece writes the ids into numpy buffers
+                    (its fastest output, and what prepare.py uses);
+             ints   sentencepiece's default encode(texts), a Python list of Python ints per text:
+                    building those holds the GIL, so its threads scale worse;
   prepare  data/prepare.py --kind pretrain run as a subprocess with --workers processes: read,
            clean, MinHash, dedup, tokenize, write shards, all included (wall clock), and the same
            less its fixed startup cost (measured on a one-document corpus), which is a visible
            share of the time on a small corpus but not what a large one is limited by;
 and prints MB/s (UTF-8 bytes of raw text), tokens/s, and the peak memory of prepare's whole process
 tree, sampled every 50 ms: PSS summed over the tree (shared pages counted once, so forked workers
-are not double-counted) and the largest single RSS. Targets: prepare >= 0.8x encode; peak memory
-on the large corpus <= 1.2x that on the small one.
+are not double-counted) and the largest single RSS. Targets: prepare >= 0.8x encode (printed
+against both); peak memory on the large corpus <= 1.2x that on the small one.
 
 A shared VM's speed drifts by 10-20% from one run to the next, so encode and prepare are each run
 --repeat times, alternating, and the fastest run of each is compared (as timeit does), with the
@@ -72,16 +75,19 @@ def generate_corpus(paths: list[str], out_dir: Path, target_mb: float, seed: int
     return files
 
 
-def encode_throughput(tok: Tokenizer, paths: list[str], threads: int) -> tuple[int, int, float, float]:
-    """(bytes, tokens, wall seconds, CPU seconds) spent inside encode_documents over every document of
-    `paths`, read in batches of ~8 MB."""
+def encode_throughput(tok: Tokenizer, paths: list[str], threads: int, ints: bool) -> tuple[int, int, float, float]:
+    """(bytes, tokens, wall seconds, CPU seconds) spent encoding every document of `paths`, read
+    in batches of ~8 MB: with encode_documents, or (ints) sentencepiece's list-of-ints encode."""
     n_bytes = n_tokens = 0
     wall = cpu = 0.0
 
     def encode(batch: list[str]) -> None:
         nonlocal n_tokens, wall, cpu
         t0, c0 = time.perf_counter(), time.process_time()  # process time counts all its threads
-        n_tokens += len(tok.encode_documents(batch, num_threads=threads)[0])
+        if ints:
+            n_tokens += sum(map(len, tok.sp.encode(batch, num_threads=threads)))
+        else:
+            n_tokens += len(tok.encode_documents(batch, num_threads=threads)[0])
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
 
@@ -179,18 +185,21 @@ def main() -> None:
         startup = min(run_prepare([str(tmp / "one.jsonl")], args.tokenizer, tmp / "out_one", args.workers)["seconds"]
                       for _ in range(3))
         for name, paths in (("small", args.small), ("large", large)):
-            encodes, prepares = [], []
+            encodes, ints, prepares = [], [], []
             for _ in range(args.repeat):
-                encodes.append(encode_throughput(tok, paths, args.workers))
+                encodes.append(encode_throughput(tok, paths, args.workers, ints=False))
+                ints.append(encode_throughput(tok, paths, args.workers, ints=True))
                 prepares.append(run_prepare(paths, args.tokenizer, tmp / f"out_{name}", args.workers))
                 print(prepares[-1]["summary"])
             n_bytes, n_tokens, enc_wall, enc_cpu = min(encodes, key=lambda e: e[2])
+            ints_wall = min(e[2] for e in ints)
             r = min(prepares, key=lambda r: r["seconds"])
             mb = n_bytes / 1e6
             tokens = sum(s["tokens"] for s in r["meta"]["splits"].values())
             spread = lambda seconds: f"{mb / max(seconds):.1f}-{mb / min(seconds):.1f}"
             rows.append({"corpus": name, "MB": mb, "docs": r["meta"]["clean"]["docs_in"],
                          "encode MB/s": mb / enc_wall, "enc range": spread([e[2] for e in encodes]),
+                         "ints MB/s": mb / ints_wall, "ints range": spread([e[2] for e in ints]),
                          "prepare MB/s": mb / r["seconds"], "prep range": spread([p["seconds"] for p in prepares]),
                          "less startup": mb / (r["seconds"] - startup),
                          "encode tok/s": n_tokens / enc_wall, "prepare tok/s": tokens / r["seconds"],
@@ -203,12 +212,13 @@ def main() -> None:
     for row in rows:
         print("".join(f"{fmt(v):>{max(len(k), 8) + 2}}" for k, v in row.items()))
     small, big = rows
-    speed = [row["prepare MB/s"] / row["encode MB/s"] for row in rows]
+    for encode in ("encode", "ints"):
+        speed = [row["prepare MB/s"] / row[f"{encode} MB/s"] for row in rows]
+        steady = [row["less startup"] / row[f"{encode} MB/s"] for row in rows]
+        print(f"prepare/{encode} throughput: {speed[0]:.2f}x small, {speed[1]:.2f}x large (target >= 0.8x); "
+              f"less the {startup:.2f}s startup: {steady[0]:.2f}x small, {steady[1]:.2f}x large")
     cpu = [row["encode cpu s/MB"] / row["prepare cpu s/MB"] for row in rows]
-    steady = [row["less startup"] / row["encode MB/s"] for row in rows]
-    print(f"prepare/encode throughput: {speed[0]:.2f}x small, {speed[1]:.2f}x large (target >= 0.8x); "
-          f"less the {startup:.2f}s startup: {steady[0]:.2f}x small, {steady[1]:.2f}x large; "
-          f"in CPU time per MB: {cpu[0]:.2f}x small, {cpu[1]:.2f}x large")
+    print(f"encode/prepare CPU time per MB: {cpu[0]:.2f}x small, {cpu[1]:.2f}x large")
     print(f"peak memory large/small: PSS {big['peak PSS MB'] / small['peak PSS MB']:.2f}x, "
           f"RSS {big['max RSS MB'] / small['max RSS MB']:.2f}x (target <= 1.2x)")
 

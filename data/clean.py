@@ -348,10 +348,11 @@ class Deduplicator:
         if not width:
             return [None] * n
         valid = keys != 0
-        stored = self.seen.contains(keys) & valid  # a key of a document kept in an earlier batch
         # a key already met earlier in this batch (row-major order is document order)
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         first_doc = (first // width)[inverse].reshape(n, width)
+        # a key of a document kept in an earlier batch (sorted keys: binary searches go ~2x faster)
+        stored = self.seen.contains(unique)[inverse].reshape(n, width) & valid
         repeated = (first_doc < np.arange(n)[:, None]) & valid
         suspects = np.flatnonzero((stored | repeated).any(axis=1))
         kept = np.ones(n, dtype=bool)
