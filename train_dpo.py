@@ -54,7 +54,7 @@ from tqdm import tqdm
 import trainer
 from data.loaders import DPOLoader, position
 from data.shards import read_meta
-from errors import NanozhError, exit_on_user_error, user_error
+from errors import user_error
 from model import Transformer
 
 
@@ -293,13 +293,7 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
 
 
 def main() -> None:
-    try:
-        cfg = trainer.parse_config(DPOConfig, sys.argv[1:])
-        train(cfg)
-    except NanozhError as e:
-        exit_on_user_error(e)
-    finally:
-        trainer.cleanup_distributed()
+    trainer.run(DPOConfig, train, sys.argv[1:])
 
 
 if __name__ == "__main__":

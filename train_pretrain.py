@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import trainer
 from data.loaders import PretrainLoader
-from errors import NanozhError, exit_on_user_error, user_error
+from errors import user_error
 from eval import nll_of_tokens
 
 
@@ -150,13 +150,7 @@ def train(cfg: PretrainConfig) -> None:
 
 
 def main() -> None:
-    try:
-        cfg = trainer.parse_config(PretrainConfig, sys.argv[1:])
-        train(cfg)
-    except NanozhError as e:
-        exit_on_user_error(e)
-    finally:
-        trainer.cleanup_distributed()
+    trainer.run(PretrainConfig, train, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import trainer
 from data.loaders import SFTLoader
 from data.shards import read_meta
-from errors import NanozhError, exit_on_user_error
 
 
 @dataclass
@@ -212,13 +211,7 @@ def train(cfg: SFTConfig) -> None:
 
 
 def main() -> None:
-    try:
-        cfg = trainer.parse_config(SFTConfig, sys.argv[1:])
-        train(cfg)
-    except NanozhError as e:
-        exit_on_user_error(e)
-    finally:
-        trainer.cleanup_distributed()
+    trainer.run(SFTConfig, train, sys.argv[1:])
 
 
 if __name__ == "__main__":

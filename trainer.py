@@ -1,7 +1,9 @@
 """What the three training scripts share, and only that. Each train_*.py keeps its own loop in view
 and calls these plain functions around it, in about this order:
 
+    run(PretrainConfig, train, sys.argv[1:])          # main(): train(parse_config(...)), user errors, cleanup
     cfg = parse_config(PretrainConfig, sys.argv[1:])   # dataclass defaults <- --config FILE <- --key=value
+    then in train(cfg):
     dist = init_distributed(cfg.device)                # torchrun env: rank, world size, device; NCCL/gloo
     dtype = resolve_dtype(cfg.dtype, dist.device)      # bf16 autocast, fp16 + GradScaler, or fp32
     ctx = autocast(dist.device, dtype)
@@ -48,7 +50,7 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from data.shards import read_meta
-from errors import NanozhError, user_error
+from errors import NanozhError, exit_on_user_error, user_error
 from model import ModelConfig, Transformer, load_model
 from tokenizer.tokenizer import Tokenizer
 
@@ -260,6 +262,17 @@ def cleanup_distributed(wait: bool = False) -> None:
         if wait:
             torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def run(config_cls: type, train: typing.Callable, argv: list[str]) -> None:
+    """Each train_*.py's main(): train(parse_config(config_cls, argv)); a user error becomes its
+    one-line message and exit status 1; the process group is left however the run ends."""
+    try:
+        train(parse_config(config_cls, argv))
+    except NanozhError as e:
+        exit_on_user_error(e)
+    finally:
+        cleanup_distributed()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
