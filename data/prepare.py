@@ -8,11 +8,11 @@ Inputs are files or directories of .txt/.jsonl/.json/.parquet (see data/sources.
 read). The main process reads the input as blocks of raw lines or Arrow batches (~1 MB each) and
 hands them to --workers processes, which decode the records, clean each text (data/clean.py),
 tokenize it and compute its dedup keys (a hash, and the LSH bands of its MinHash signature); the
-main process takes the results back
-in input order, drops exact and near duplicates (that needs every earlier document, so it cannot
-be split across workers), and appends what survives to the train or val split, chosen by a hash
-of the document so that the same text always lands in the same split. At most a few blocks per
-worker are in flight, so memory stays flat however large the corpus.
+main process takes the results back in input order, drops exact and near duplicates (that needs
+every earlier document, so it cannot be split across workers), and appends what survives to the
+train or val split, chosen by a hash of the document so that the same text always lands in the
+same split. At most a few blocks per worker are in flight, so memory stays flat however large the
+corpus.
 
 SFT conversations are rendered with the one chat template (Tokenizer.render_chat); one longer than
 --max_len tokens keeps its leading turns up to the last assistant turn that fits, and is dropped
