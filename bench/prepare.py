@@ -94,8 +94,9 @@ def encode_throughput(tok: Tokenizer, paths: list[str], threads: int, ints: bool
     batch, batch_bytes = [], 0
     for _, text in tqdm(iter_pretrain(paths), desc="raw encode", unit=" docs", mininterval=1):
         batch.append(text)
-        batch_bytes += len(text.encode())
-        n_bytes += len(text.encode())
+        size = len(text.encode())
+        batch_bytes += size
+        n_bytes += size
         if batch_bytes >= 8_000_000:
             encode(batch)
             batch, batch_bytes = [], 0
