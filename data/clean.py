@@ -272,6 +272,11 @@ def exact_keys(texts: list[str]) -> np.ndarray:
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64) | U64(1)
 
 
+# texts per minhash_signatures() call: its temporaries grow with the empty bins that short texts
+# leave (25 MB for a block of 3,700 short poems at once, 7 MB in groups of this size)
+MINHASH_GROUP = 1024
+
+
 def dedup_keys(texts: list[str], cfg: CleanConfig) -> np.ndarray:
     """(len(texts), 1 + bands) uint64: each text's exact key, then its LSH band keys (the rows of
     one band of its MinHash signature hashed into one number, with the lowest bit set), all that
@@ -280,10 +285,12 @@ def dedup_keys(texts: list[str], cfg: CleanConfig) -> np.ndarray:
     bands, rows = lsh_bands(cfg.near_threshold, cfg.num_perm)
     keys = np.zeros((len(texts), 1 + bands), dtype=np.uint64)
     keys[:, 0] = exact_keys(texts)
-    if cfg.near_dedup and texts:
-        sig = minhash_signatures(texts, cfg)[:, :bands * rows].reshape(len(texts), bands, rows)
-        keys[:, 1:] = (sig * _band_multipliers(bands, rows)).sum(axis=2) | U64(1)
-        keys[sig[:, 0, 0] == EMPTY, 1:] = 0  # no n-grams: only the exact key
+    for i in range(0, len(texts) if cfg.near_dedup else 0, MINHASH_GROUP):
+        group = texts[i:i + MINHASH_GROUP]
+        sig = minhash_signatures(group, cfg)[:, :bands * rows].reshape(len(group), bands, rows)
+        band_keys = keys[i:i + len(group), 1:]
+        band_keys[:] = (sig * _band_multipliers(bands, rows)).sum(axis=2) | U64(1)
+        band_keys[sig[:, 0, 0] == EMPTY] = 0  # no n-grams: only the exact key
     return keys
 
 

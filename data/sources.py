@@ -11,14 +11,14 @@
     .jsonl  .jsonl.gz    one JSON object per line
     .json  .json.gz      one JSON array of objects, decoded element by element from 1 MB chunks
                          (memory is bounded by the largest single element, not by the file)
-    .parquet             pyarrow row batches
+    .parquet             pyarrow row batches (a Table of them per block)
 
 Reading happens in two steps, so that data/prepare.py can spread the costly one over its workers:
 read_blocks(paths, kind) cuts the files into Blocks of about BLOCK_BYTES (bytes of whole JSONL
-lines, a pyarrow RecordBatch, or for .txt/.json records already split out), and parse_block(block,
-kind) decodes one into (where, value) pairs. Bytes and Arrow buffers pickle as plain copies, so
-the main process that reads stays cheap while JSON decoding and making Python strings scale with
-the workers. The iter_* functions are the two steps in one process.
+lines, a pyarrow Table of row batches, or for .txt/.json records already split out), and
+parse_block(block, kind) decodes one into (where, value) pairs. Bytes and Arrow buffers pickle as
+plain copies, so the main process that reads stays cheap while JSON decoding and making Python
+strings scale with the workers. The iter_* functions are the two steps in one process.
 
 Field conventions (the first that matches wins):
     pretrain  `text`, else `content` (a bare JSON string is also a document)
@@ -167,7 +167,7 @@ class Block:
     """Consecutive records of one file, read but not decoded (see the module docstring)."""
     path: str
     line: int     # the line (or Parquet row) of its first record, 1-based
-    form: str     # "lines": bytes of whole JSONL lines; "arrow": a pyarrow RecordBatch;
+    form: str     # "lines": bytes of whole JSONL lines; "arrow": a pyarrow Table;
     data: object  # "records": [(line, record), ...] already split out of a .txt or .json file
 
 
@@ -197,12 +197,21 @@ def _parquet_blocks(path: str) -> Iterator[Block]:
         raise user_error(path, f"not a readable Parquet file ({e})", "check the file") from None
     meta = pf.metadata
     size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-    rows = max(1, min(65536, BLOCK_BYTES * meta.num_rows // max(size, 1)))  # rows of ~BLOCK_BYTES
-    row = 1
+    # batches of ~1/8 block by the file's average row, gathered into blocks of BLOCK_BYTES: row
+    # sizes vary along a file (a law code's first articles are long), and a worker's memory
+    # follows the size of its block
+    rows = max(1, min(65536, BLOCK_BYTES * meta.num_rows // max(size, 1) // 8))
+    row, batches, n_bytes = 1, [], 0
     # one thread: pyarrow's pool would compete with the worker processes for the same cores
     for batch in pf.iter_batches(batch_size=rows, use_threads=False):
-        yield Block(path, row, "arrow", batch)
-        row += len(batch)
+        batches.append(batch)
+        n_bytes += batch.nbytes
+        if n_bytes >= BLOCK_BYTES:
+            table = pa.Table.from_batches(batches)  # no copy: the batches become its chunks
+            yield Block(path, row, "arrow", table)
+            row, batches, n_bytes = row + len(table), [], 0
+    if batches:
+        yield Block(path, row, "arrow", pa.Table.from_batches(batches))
 
 
 def _record_blocks(path: str, records: Iterator[tuple[int, object]]) -> Iterator[Block]:
@@ -275,13 +284,13 @@ def _fail(err: NanozhError, on_error: OnError) -> None:
     on_error(err)
 
 
-def _arrow_text_column(batch) -> list[str] | None:
-    """A batch's `text` column as Python strings when every row has one: what _pretrain_text
-    would return row by row, without making a dict per row (to_pylist of the whole batch takes
+def _arrow_text_column(table: pa.Table) -> list[str] | None:
+    """A block's `text` column as Python strings when every row has one: what _pretrain_text
+    would return row by row, without making a dict per row (to_pylist of the whole table takes
     ~1.6x as long). None when some row needs the row-by-row rules."""
-    if "text" not in batch.schema.names:
+    if "text" not in table.schema.names:
         return None
-    column = batch.column("text")
+    column = table.column("text")
     if column.null_count or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         return None
     return column.to_pylist()

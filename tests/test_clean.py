@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from data.clean import (EMPTY, CleanConfig, CleanStats, Deduplicator, _KeySet, clean_text, clean_texts, dedup_keys,
+from data.clean import (EMPTY, MINHASH_GROUP, CleanConfig, CleanStats, Deduplicator, _KeySet, clean_text, clean_texts, dedup_keys,
                         lsh_bands, minhash_signature, minhash_signatures)
 from errors import NanozhError
 
@@ -115,6 +115,18 @@ def test_batched_signatures_equal_one_at_a_time():
     with_grams = [row for text, row in zip(texts, batch) if len(text) >= cfg.ngram]
     assert len(np.unique(with_grams, axis=0)) == len(with_grams)
     assert (batch[[2, 3]] == EMPTY).all()  # shorter than one n-gram
+
+
+def test_dedup_keys_do_not_depend_on_how_texts_are_grouped():
+    # dedup_keys hashes MINHASH_GROUP texts at a time: keys across a group boundary must be the
+    # same as keys computed one text at a time
+    rng = random.Random(2)
+    texts = [random_doc(rng, rng.randrange(5, 60)) for _ in range(2 * MINHASH_GROUP + 5)]
+    cfg = CleanConfig()
+    keys = dedup_keys(texts, cfg)
+    for i in (0, MINHASH_GROUP - 1, MINHASH_GROUP, 2 * MINHASH_GROUP + 4):
+        assert np.array_equal(keys[i], dedup_keys([texts[i]], cfg)[0])
+    assert (keys[:, 1:] != 0).all()
 
 
 def test_short_texts_sharing_a_title_line_are_not_near_duplicates():

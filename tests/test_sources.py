@@ -81,6 +81,18 @@ def test_parquet_rows_are_read_in_batches(tmp_path, monkeypatch):
     assert list(iter_pretrain([str(p)])) == [(f"{p}:{i + 1}", f"文档{i}") for i in range(2500)]
 
 
+def test_parquet_blocks_stay_near_block_bytes_when_row_sizes_vary(tmp_path, monkeypatch):
+    # long rows first, then short ones: blocks cut by the file's average row would be ~10x too big
+    texts = ["长" * 200 + str(i) for i in range(200)] + [f"短{i}" for i in range(2000)]
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": texts}), p)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 6000)
+    blocks = list(sources.read_blocks([str(p)], "pretrain"))
+    assert max(b.data.nbytes for b in blocks) <= 2 * 6000
+    assert sum(len(b.data) for b in blocks) == len(texts)
+    assert list(iter_pretrain([str(p)])) == [(f"{p}:{i + 1}", t) for i, t in enumerate(texts)]
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_jsonl_blocks_cut_at_line_ends_and_keep_line_numbers(tmp_path, monkeypatch, gz):
     rows = [{"text": "字" * (i % 50 + 1)} for i in range(300)]
