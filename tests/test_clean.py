@@ -6,7 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from data.clean import (EMPTY, MINHASH_GROUP, CleanConfig, CleanStats, Deduplicator, _KeySet, clean_text, clean_texts, dedup_keys,
+from data.clean import (EMPTY, MINHASH_GROUP, VALUE_MIX, CleanConfig, CleanStats, Deduplicator, _gram_hashes, _KeySet,
+                        _probe_bins, clean_text, clean_texts, dedup_keys,
                         lsh_bands, minhash_signature, minhash_signatures)
 from errors import NanozhError
 
@@ -128,6 +129,26 @@ def test_dedup_keys_do_not_depend_on_how_texts_are_grouped():
         assert np.array_equal(keys[i], dedup_keys([texts[i]], cfg)[0])
     assert (keys[:, 1:] != 0).all()
 
+
+
+def test_densification_copies_the_first_filled_bin_of_each_probe_sequence():
+    # the definition, one text and one bin at a time: an empty bin takes the value of the first
+    # filled bin along its probe sequence (short texts leave most bins empty, some need many picks)
+    rng = random.Random(5)
+    texts = [random_doc(rng, n) for n in (5, 6, 9, 20, 40, 130, 700)]
+    cfg = CleanConfig()
+    k = cfg.num_perm
+    for text, dense in zip(texts, minhash_signatures(texts, cfg)):
+        h = _gram_hashes(np.array([ord(c) for c in text], dtype=np.uint32), cfg.ngram)
+        sig = np.full(k, EMPTY, dtype=np.uint32)
+        np.minimum.at(sig, (h >> np.uint32(32 - k.bit_length() + 1)).astype(np.intp), h * VALUE_MIX)
+        expected = sig.copy()
+        for b in np.flatnonzero(sig == EMPTY):
+            pick = 0
+            while sig[_probe_bins(k, pick, 1)[b, 0]] == EMPTY:
+                pick += 1
+            expected[b] = sig[_probe_bins(k, pick, 1)[b, 0]]
+        assert np.array_equal(dense, expected)
 
 def test_short_texts_sharing_a_title_line_are_not_near_duplicates():
     rng = random.Random(4)
