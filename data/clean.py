@@ -220,7 +220,7 @@ def minhash_signatures(texts: list[str], cfg: CleanConfig) -> np.ndarray:
     value[crossing[(crossing >= 0) & (crossing < len(h))]] = EMPTY
     np.minimum.at(sig.reshape(-1), where, value)
 
-    # densify: first the first FULL_PROBES picks of every bin of every text, a whole column of sig
+    # densify: first FULL_PROBES picks for every bin of every text, a whole column of sig
     # per pick, which fills most empty bins; a pick counts only where the bin is still empty.
     # EMPTY is all ones, so dense & pick is the pick there; where the bin is already filled, the
     # pick is first made all ones, so that dense & pick is dense

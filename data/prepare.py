@@ -240,7 +240,7 @@ def keep_freed_memory() -> None:
     generated corpus, 650k faults and 1.8 s of system time against 220k and 0.9 s with this
     (10-18% of prepare's wall time). Memory stays flat: what is kept is reused by the next block.
     Arrow allocates from the same heap (its own allocator, mimalloc, would keep a second reserve
-    beside it that numpy cannot reuse: 30-40 MB more at the peak on Parquet files with large
+    beside it that numpy cannot reuse: 20-30 MB more at the peak on Parquet files with large
     pages). The worker processes inherit both settings when they fork. Elsewhere than glibc,
     malloc is left as it is."""
     pa.set_memory_pool(pa.system_memory_pool())
