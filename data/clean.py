@@ -416,9 +416,12 @@ ORDER = ("whitespace", "control_chars", "nfkc", "repeated_punct", "min_chars", "
 class CleanStats:
     """Documents in and out, and per rule how many documents it changed and how many it dropped."""
     docs_in: int = 0
-    docs_out: int = 0
     changed: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
+
+    @property
+    def docs_out(self) -> int:
+        return self.docs_in - self.dropped.total()
 
     def add(self, rules: list[str], dropped: str | None = None) -> None:
         """Count one document: the rules that changed it, and the reason it was dropped, if it was
@@ -428,12 +431,9 @@ class CleanStats:
             self.changed.update(r for r in rules if r != dropped)
         if dropped:
             self.dropped[dropped] += 1
-        else:
-            self.docs_out += 1
 
     def merge(self, other: "CleanStats") -> None:
         self.docs_in += other.docs_in
-        self.docs_out += other.docs_out
         self.changed.update(other.changed)
         self.dropped.update(other.dropped)
 

@@ -2,14 +2,19 @@
 a bad input gets (one line, nothing left behind)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from data.prepare import main
+from data.prepare import Workers, main
 from data.shards import open_shards, read_meta
+from errors import NanozhError
 from tokenizer.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,14 +84,56 @@ def test_split_is_by_document_not_by_position(tmp_path, capsys):
     assert sorted(split_docs(tmp_path / "one", "val", tok)) == sorted(split_docs(tmp_path / "two", "val", tok))
 
 
-def test_workers_give_the_same_shards_as_one_process(tmp_path, capsys):
+def test_workers_give_the_same_shards_as_one_process(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("data.sources.BLOCK_BYTES", 8192)  # ~30 blocks, spread over the workers
     rng = np.random.default_rng(2)
-    path = write_jsonl(tmp_path / "a.jsonl", [{"text": random_text(rng, 300)} for _ in range(300)])
-    run_prepare(capsys, "pretrain", [path], tmp_path / "one", "--val_fraction", "0.1")
+    docs = [random_text(rng, 300) for _ in range(300)]
+    docs[200] = docs[10]  # a duplicate in another block than its first
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    meta, _ = run_prepare(capsys, "pretrain", [path], tmp_path / "one", "--val_fraction", "0.1")
     main(["--kind", "pretrain", "--input", path, "--tokenizer", TOKENIZER, "--out", str(tmp_path / "two"),
-          "--workers", "2", "--val_fraction", "0.1"])
+          "--workers", "3", "--val_fraction", "0.1"])
+    assert meta["clean"]["dropped"]["exact"] == 1 and read_meta(tmp_path / "two")["clean"] == meta["clean"]
     for name in ("train_00000.bin", "val_00000.bin"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def _no_init():
+    pass
+
+
+def _slow_square(x):
+    time.sleep(0.02 * (x % 3))  # later tasks often finish first
+    return x * x
+
+
+def _fail_on_5(x):
+    if x == 5:
+        raise ValueError("task 5 is bad")
+    return x
+
+
+def _kill_self_on_5(x):
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def test_worker_results_come_back_in_input_order():
+    with Workers(3, _slow_square, _no_init, ()) as workers:
+        assert list(workers.map(range(20), in_flight=5)) == [x * x for x in range(20)]
+
+
+def test_a_worker_error_reaches_the_main_process():
+    with pytest.raises(RuntimeError, match="task 5 is bad"), Workers(2, _fail_on_5, _no_init, ()) as workers:
+        list(workers.map(range(10), in_flight=4))
+
+
+def test_a_killed_worker_is_a_one_line_error_not_a_hang():
+    # multiprocessing.Pool would wait forever here for task 5's result
+    with pytest.raises(NanozhError, match=r"worker process \d+: was killed by signal 9 \(out of memory"):
+        with Workers(2, _kill_self_on_5, _no_init, ()) as workers:
+            list(workers.map(range(10), in_flight=4))
 
 
 def chat(*turns):
