@@ -18,7 +18,9 @@ For each corpus it measures, in the same run on the same text and the same numbe
 and prints MB/s (UTF-8 bytes of raw text), tokens/s, and the peak memory of prepare's whole process
 tree, sampled every 50 ms: PSS summed over the tree (shared pages counted once, so forked workers
 are not double-counted) and the largest single RSS. Targets: prepare >= 0.8x encode (printed
-against both); peak memory on the large corpus <= 1.2x that on the small one.
+against both); peak memory on the large corpus <= 1.2x that on the small one. It also prints the
+CPU time prepare's main process spends per MB (it reads, dedups and writes for every worker), and
+so the throughput beyond which more workers cannot help.
 
 A shared VM's speed drifts by 10-20% from one run to the next, so encode and prepare are each run
 --repeat times, alternating, and the fastest run of each is compared (as timeit does), with the
@@ -132,11 +134,19 @@ def _memory(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (its threads included, its children not)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_prepare(paths: list[str], tokenizer: str, out: Path, workers: int) -> dict:
-    """Run prepare.py, sampling its tree's memory; returns wall time, peaks and its meta.json."""
+    """Run prepare.py, sampling its tree's memory and its main process's CPU time; returns wall
+    time, CPU, peaks and its meta.json."""
     cmd = [sys.executable, str(ROOT / "data" / "prepare.py"), "--kind", "pretrain", "--input", *paths,
            "--tokenizer", tokenizer, "--out", str(out), "--workers", str(workers)]
-    peak = [0, 0]
+    peak, main_cpu = [0, 0], [0.0]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -145,6 +155,10 @@ def run_prepare(paths: list[str], tokenizer: str, out: Path, workers: int) -> di
         while proc.poll() is None:
             pss, rss = _memory(proc.pid)
             peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
+            try:
+                main_cpu[0] = _cpu_seconds(proc.pid)  # the last sample misses at most 50 ms of it
+            except OSError:
+                pass
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample)
@@ -157,7 +171,7 @@ def run_prepare(paths: list[str], tokenizer: str, out: Path, workers: int) -> di
     if proc.returncode:
         sys.exit(f"prepare.py failed:\n{stderr[-2000:]}")
     meta = json.loads((out / "meta.json").read_text())
-    return {"seconds": seconds, "cpu": cpu, "pss": peak[0], "rss": peak[1], "meta": meta, "summary": stdout.strip().splitlines()[-1]}
+    return {"seconds": seconds, "cpu": cpu, "main_cpu": main_cpu[0], "pss": peak[0], "rss": peak[1], "meta": meta, "summary": stdout.strip().splitlines()[-1]}
 
 
 def fmt(v) -> str:
@@ -205,6 +219,7 @@ def main() -> None:
                          "less startup": mb / (r["seconds"] - startup),
                          "encode tok/s": n_tokens / enc_wall, "prepare tok/s": tokens / r["seconds"],
                          "encode cpu s/MB": enc_cpu / mb, "prepare cpu s/MB": r["cpu"] / mb,
+                         "main cpu s/MB": r["main_cpu"] / mb,
                          "peak PSS MB": max(p["pss"] for p in prepares) / 2**20,
                          "max RSS MB": max(p["rss"] for p in prepares) / 2**20})
     print(f"\nbench/prepare.py {' '.join(sys.argv[1:])}: {args.workers} workers, tokenizer vocab {tok.vocab_size}, "
@@ -220,6 +235,10 @@ def main() -> None:
               f"less the {startup:.2f}s startup: {steady[0]:.2f}x small, {steady[1]:.2f}x large")
     cpu = [row["encode cpu s/MB"] / row["prepare cpu s/MB"] for row in rows]
     print(f"encode/prepare CPU time per MB: {cpu[0]:.2f}x small, {cpu[1]:.2f}x large")
+    # the main process reads, dedups and writes for all the workers: its CPU time per MB is the
+    # speed at which it alone would keep one core busy, the most that more workers can reach
+    print(f"main process CPU: {1000 * big['main cpu s/MB']:.1f} ms per MB on the large corpus, so prepare "
+          f"tops out near {1 / big['main cpu s/MB']:.0f} MB/s however many workers it has")
     print(f"peak memory large/small: PSS {big['peak PSS MB'] / small['peak PSS MB']:.2f}x, "
           f"RSS {big['max RSS MB'] / small['max RSS MB']:.2f}x (target <= 1.2x)")
 
