@@ -350,6 +350,10 @@ class _KeySet:
         self.levels.append(new)
 
 
+VERDICTS = (None, "exact", "near")  # what Deduplicator.check_keys() returns the indices of
+EXACT, NEAR = 1, 2
+
+
 class Deduplicator:
     """Remembers the documents kept so far (as 64-bit keys only) and flags repeats of them."""
 
@@ -366,17 +370,19 @@ class Deduplicator:
 
     def check_many(self, texts: list[str]) -> list[str | None]:
         """check() for a batch, in order (a text may repeat one earlier in the same batch)."""
-        return self.check_keys(dedup_keys(texts, self.cfg))
+        return [VERDICTS[v] for v in self.check_keys(dedup_keys(texts, self.cfg)).tolist()]
 
-    def check_keys(self, keys: np.ndarray) -> list[str | None]:
-        """check_many() from the texts' dedup_keys(), which prepare.py's workers compute. A
-        document is a repeat when one of its keys is a key of a document kept before it: "exact"
-        when that is its exact key, else "near". Most documents share no key with anything, so
-        numpy finds the few that do, and only those are decided one by one."""
+    def check_keys(self, keys: np.ndarray) -> np.ndarray:
+        """check_many() from the texts' dedup_keys(), which prepare.py's workers compute, as a
+        uint8 array of indices into VERDICTS (0: new). A document is a repeat when one of its keys
+        is a key of a document kept before it: "exact" when that is its exact key, else "near".
+        Most documents share no key with anything, so numpy finds the few that do, and only those
+        are decided one by one."""
         keys = keys[:, self.cols]
         n, width = keys.shape
+        verdicts = np.zeros(n, dtype=np.uint8)
         if not width:
-            return [None] * n
+            return verdicts
         valid = keys != 0
         # a key already met earlier in this batch (row-major order is document order)
         unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
@@ -386,7 +392,6 @@ class Deduplicator:
         repeated = (first_doc < np.arange(n)[:, None]) & valid
         suspects = np.flatnonzero((stored | repeated).any(axis=1))
         kept = np.ones(n, dtype=bool)
-        verdicts: list[str | None] = [None] * n
         # every document but a suspect is kept, and shares no key with an earlier one; a suspect's
         # key that first appeared in such a document is seen, and so is one of a kept suspect
         seen_earlier = repeated & ~np.isin(first_doc, suspects)
@@ -396,9 +401,9 @@ class Deduplicator:
             row = keys[i][valid[i]].tolist()
             hit = stored[i][valid[i]] | seen_earlier[i][valid[i]] | np.array([k in kept_keys for k in row])
             if exact and hit[0]:
-                verdicts[i] = "exact"
+                verdicts[i] = EXACT
             elif hit.any():
-                verdicts[i] = "near"
+                verdicts[i] = NEAR
             else:
                 kept_keys.update(row)
                 continue

@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, clean_texts, dedup_keys
+from data.clean import VERDICTS, CleanConfig, CleanStats, Deduplicator, clean_text, clean_texts, dedup_keys
 from data.shards import SplitWriter, token_dtype, write_meta
 from data.sources import Block, parse_block, read_blocks
 from errors import NanozhError, exit_on_user_error, user_error
@@ -447,9 +447,9 @@ def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path) -> dict:
             for error in chunk.errors:
                 on_error(NanozhError(error))
             verdicts = dedup.check_keys(chunk.keys)
-            chunk.stats.dropped.update(v for v in verdicts if v)
+            chunk.stats.dropped.update(VERDICTS[v] for v in verdicts[verdicts != 0].tolist())
             stats.merge(chunk.stats)
-            kept = np.fromiter((v is None for v in verdicts), dtype=bool, count=len(verdicts))
+            kept = verdicts == 0
             chunk.write(writers["train"], kept & ~chunk.val)
             chunk.write(writers["val"], kept & chunk.val)
             counts["truncated"] += int(np.count_nonzero(np.array(chunk.truncated, dtype=bool) & kept))
