@@ -3,6 +3,8 @@
 import builtins
 import gzip
 import json
+import random
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -234,6 +236,20 @@ def test_parquet_text_column_with_nulls_falls_back_to_the_rules_row_by_row(tmp_p
     q = tmp_path / "b.parquet"
     pq.write_table(pa.table({"text": pa.array(["甲", "乙"], type=pa.large_string())}), q)
     assert list(iter_pretrain([str(q)])) == [(f"{q}:1", "甲"), (f"{q}:2", "乙")]
+
+
+def test_damaged_parquet_page_is_a_one_line_error(tmp_path):
+    rng = random.Random(0)
+    rows = ["".join(rng.choice("春夏秋冬山水风月花鸟虫鱼") for _ in range(200)) for _ in range(2000)]
+    p = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": rows}), p, compression="zstd", data_page_size=4096, row_group_size=500)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 2000] = bytes(2000)  # zeros over pages in the middle of the file
+    p.write_bytes(bytes(data))
+    message = error_of(iter_pretrain([str(p)]))
+    match = re.fullmatch(rf"nanozh: {p}:(\d+): damaged Parquet data in this row or a later one \(.+\) "
+                         r"\(re-download or rewrite the file\)", message)
+    assert match and 1 < int(match[1]) <= 1000  # the rows before the damage were read
 
 
 def test_pretrain_row_without_text_names_its_fields(tmp_path):
