@@ -39,6 +39,7 @@ not UTF-8, not a JSON array) always raise.
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -250,7 +251,7 @@ def read_blocks(paths: list[str], kind: str) -> Iterator[Block]:
                 yield from _parquet_blocks(path)
         except UnicodeDecodeError as e:
             raise user_error(path, f"not valid UTF-8 (byte {e.start} of a read chunk)", "convert the file to UTF-8") from None
-        except (gzip.BadGzipFile, EOFError) as e:
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise user_error(path, f"damaged gzip file ({e})", "re-download or recompress it") from None
 
 

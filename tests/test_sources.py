@@ -252,6 +252,23 @@ def test_damaged_parquet_page_is_a_one_line_error(tmp_path):
     assert match and 1 < int(match[1]) <= 1000  # the rows before the damage were read
 
 
+@pytest.mark.parametrize("damage", ["truncated", "bad deflate data", "bad checksum"])
+def test_damaged_gzip_is_a_one_line_error(tmp_path, damage):
+    p = tmp_path / "a.jsonl.gz"
+    with gzip.open(p, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": f"第{i}行" * 20}, ensure_ascii=False) + "\n" for i in range(3000))
+    data = bytearray(p.read_bytes())
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    elif damage == "bad deflate data":
+        data[12:40] = bytes(range(200, 228))  # the first deflate block's header: zlib.error
+    else:
+        data[-8] ^= 0xFF  # the CRC-32 in the trailer
+    p.write_bytes(bytes(data))
+    assert re.fullmatch(rf"nanozh: {p}: damaged gzip file \(.+\) \(re-download or recompress it\)",
+                        error_of(iter_pretrain([str(p)])))
+
+
 def test_pretrain_row_without_text_names_its_fields(tmp_path):
     p = tmp_path / "a.parquet"
     pq.write_table(pa.table({"body": ["正文"], "title": ["标题"]}), p)
