@@ -98,7 +98,7 @@ class Chunk:
             writer.add(self.tokens[np.repeat(survivors, np.diff(self.offsets))], examples=int(survivors.sum()))
 
 
-# ----------------------------------------------------------------------------- worker side
+# ----------------------------------------------------------------------------- work on a block
 # Each worker process loads the tokenizer once (_init), then turns blocks of records into Chunks.
 
 _W: dict = {}
@@ -221,7 +221,7 @@ def _work(block: Block) -> Chunk:
     return chunk
 
 
-# ----------------------------------------------------------------------------- main process
+# ----------------------------------------------------------------------------- worker processes
 
 def _serve(work, init, init_args: tuple, tasks: Connection, results: Connection) -> None:
     """A worker process: init(*init_args), then work(task) for every task that comes through
@@ -275,7 +275,7 @@ class Workers:
 
     def map(self, tasks: Iterable, in_flight: int) -> Iterator:
         """work(task) for each task, in order, with at most in_flight tasks handed out and not yet
-        taken back. (Pool.imap would read its whole input ahead, and the corpus into memory.)"""
+        taken back: memory stays bounded however long `tasks` is (Pool.imap would read it all ahead)."""
         sent = taken = 0
         for task in tasks:
             w = sent % len(self.procs)
@@ -327,6 +327,8 @@ class Workers:
         for conn in self.tasks + self.results:
             conn.close()
 
+
+# ----------------------------------------------------------------------------- main process
 
 def keep_freed_memory() -> None:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
