@@ -345,8 +345,10 @@ class _KeySet:
             return
         new = np.sort(keys, axis=None)
         while self.levels and len(self.levels[-1]) < 4 * len(new):
-            # two sorted runs: the stable sort (timsort for uint64) merges them in linear time
-            new = np.sort(np.concatenate([self.levels.pop(), new]), kind="stable")
+            new = np.concatenate([self.levels.pop(), new])
+            # two sorted runs: the stable sort (timsort for uint64) merges them in linear time, and
+            # in place, so that a merge holds the keys once more at most, not twice
+            new.sort(kind="stable")
         self.levels.append(new)
 
 
