@@ -27,6 +27,7 @@ No text is kept: its memory is 8 bytes per key and 1 + bands keys per kept docum
 million documents with the defaults (9 bands), however long the documents.
 """
 
+import mmap
 import re
 import unicodedata
 from collections import Counter
@@ -320,21 +321,26 @@ def dedup_keys(texts: list[str], cfg: CleanConfig) -> np.ndarray:
 # ----------------------------------------------------------------------------- deduplication
 
 class _KeySet:
-    """A set of 64-bit keys at 8 bytes each: sorted numpy arrays ("levels") whose sizes shrink at
-    least 4x from one to the next. Adding a batch of keys makes it a new last level, merged into
-    the one before while that is less than 4x its size; a key is copied by ~log4(keys / batch)
-    merges, and a lookup is one binary search per level (~10 levels for 10^8 keys)."""
+    """A set of 64-bit keys at 8 bytes each: sorted runs ("levels") whose sizes shrink at least 4x
+    from one to the next. Adding a batch of keys makes it a new last level, merged into the one
+    before while that is less than 4x its size; a key is copied by ~log4(keys / batch) merges, and
+    a lookup is one binary search per level (~10 levels for 10^8 keys).
+
+    Each level is an anonymous memory mapping of its own, not a numpy array on the heap: a merge
+    grows the bigger level in place (mremap moves pages, it copies nothing), where concatenating
+    would hold that level twice, and a freed level goes back to the OS, where on the heap it would
+    leave a hole too small for the next, bigger level (main-process RSS grew by ~2x the key set)."""
 
     def __init__(self) -> None:
-        self.levels: list[np.ndarray] = []
+        self.levels: list[mmap.mmap] = []
 
     def __len__(self) -> int:
-        return sum(map(len, self.levels))
+        return sum(map(len, self.levels)) // 8
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """Which of these keys (any shape) are in the set."""
         found = np.zeros(keys.shape, dtype=bool)
-        for level in self.levels:
+        for level in map(_keys, self.levels):
             i = np.searchsorted(level, keys).clip(max=len(level) - 1)
             found |= level[i] == keys
         return found
@@ -343,13 +349,40 @@ class _KeySet:
         """Add keys that are not in the set yet."""
         if not keys.size:
             return
-        new = np.sort(keys, axis=None)
+        new = _mapping(keys.size * 8)
+        _keys(new)[:] = np.sort(keys, axis=None)
         while self.levels and len(self.levels[-1]) < 4 * len(new):
-            new = np.concatenate([self.levels.pop(), new])
-            # two sorted runs: the stable sort (timsort for uint64) merges them in linear time, and
-            # in place, so that a merge holds the keys once more at most, not twice
-            new.sort(kind="stable")
+            merged, n = _grown(self.levels.pop(), len(new))
+            run = _keys(merged)
+            run[n:] = _keys(new)
+            # two sorted runs: the stable sort (timsort for uint64) merges them in linear time, in
+            # place, with a buffer the size of the shorter run
+            run.sort(kind="stable")
+            del run  # a mapping cannot be resized while an array views it
+            new = merged
         self.levels.append(new)
+
+
+def _mapping(size: int) -> mmap.mmap:
+    # private: a shared anonymous mapping is backed by a file of its first size, and the pages that
+    # mremap adds beyond that fault with SIGBUS
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+
+
+def _keys(level: mmap.mmap) -> np.ndarray:
+    return np.frombuffer(level, dtype=np.uint64)
+
+
+def _grown(level: mmap.mmap, extra: int) -> tuple[mmap.mmap, int]:
+    """`level` with `extra` more bytes at its end, and the number of keys it held."""
+    n = len(level) // 8
+    try:
+        level.resize(len(level) + extra)
+        return level, n
+    except SystemError:  # no mremap (macOS): a new mapping, and a copy
+        grown = _mapping(len(level) + extra)
+        grown.write(level)
+        return grown, n
 
 
 VERDICTS = (None, "exact", "near")  # what Deduplicator.check_keys() returns the indices of

@@ -26,6 +26,7 @@ a failed run leaves no output, and an existing --out is replaced only by a compl
 
 import argparse
 import ctypes
+import gc
 import os
 import shutil
 import sys
@@ -260,6 +261,11 @@ class Workers:
     worker is the end of its pipe, and an error."""
 
     def __init__(self, n: int, work, init, init_args: tuple):
+        # the objects that exist now go to a generation the garbage collector does not visit until
+        # __exit__: a full collection would write to every one of them, and each page it writes to
+        # stops being shared between the main process and the forked workers (measured on a 200 MB
+        # corpus: ~6 MB more private memory in each of the three processes, from late in the run)
+        gc.freeze()
         self.procs, self.tasks, self.results = [], [], []
         for _ in range(n):
             task_reader, task_writer = Pipe(duplex=False)
@@ -326,6 +332,7 @@ class Workers:
             proc.join()
         for conn in self.tasks + self.results:
             conn.close()
+        gc.unfreeze()  # a process that goes on (a test, a notebook) collects its garbage again
 
 
 # ----------------------------------------------------------------------------- main process

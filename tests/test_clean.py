@@ -1,6 +1,7 @@
 """data/clean.py: each cleaning rule does its job and can be switched off; exact and near duplicates
 go while distinct documents stay; the counts add up."""
 
+import mmap
 import random
 
 import numpy as np
@@ -227,7 +228,15 @@ def test_dedup_rules_can_be_switched_off():
     assert [neither.check(t) for t in (a, b, a)] == [None, None, None]
 
 
-def test_key_set_answers_like_a_python_set_across_merges_of_its_levels():
+class _MappingWithoutRemap(mmap.mmap):
+    def resize(self, size):
+        raise SystemError("mmap: resizing not available--no mremap()")  # as CPython says on macOS
+
+
+@pytest.mark.parametrize("mremap", [True, False])
+def test_key_set_answers_like_a_python_set_across_merges_of_its_levels(mremap, monkeypatch):
+    if not mremap:
+        monkeypatch.setattr(mmap, "mmap", _MappingWithoutRemap)
     rng, keys, reference = np.random.default_rng(0), _KeySet(), set()
     for size in rng.integers(1, 2000, size=60).tolist():
         batch = np.unique(rng.integers(1, 2**64 - 1, size=size, dtype=np.uint64, endpoint=True))
@@ -236,10 +245,12 @@ def test_key_set_answers_like_a_python_set_across_merges_of_its_levels():
         new = batch[~keys.contains(batch)]
         keys.add(new)
         reference.update(new.tolist())
-    sizes = [len(level) for level in keys.levels]
+    levels = [np.frombuffer(level, dtype=np.uint64) for level in keys.levels]
+    sizes = [len(level) for level in levels]
     assert len(keys) == len(reference) and len(sizes) > 2
     assert all(a >= 4 * b for a, b in zip(sizes, sizes[1:]))  # else lookups search too many levels
-    assert all((np.diff(level.astype(np.float64)) >= 0).all() for level in keys.levels)
+    assert all((np.diff(level.astype(np.float64)) >= 0).all() for level in levels)
+    assert {type(level) for level in keys.levels} == {mmap.mmap if mremap else _MappingWithoutRemap}
 
 
 def test_dedup_finds_repeats_of_documents_kept_many_batches_ago():

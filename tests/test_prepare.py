@@ -1,6 +1,7 @@
 """data/prepare.py end to end on small generated corpora: what it keeps, drops and writes, and what
 a bad input gets (one line, nothing left behind)."""
 
+import gc
 import json
 import os
 import signal
@@ -127,6 +128,21 @@ def test_worker_results_come_back_in_input_order():
 def test_a_worker_error_reaches_the_main_process():
     with pytest.raises(RuntimeError, match="task 5 is bad"), Workers(2, _fail_on_5, _no_init, ()) as workers:
         list(workers.map(range(10), in_flight=4))
+
+
+def _frozen_objects(_):
+    return gc.get_freeze_count()
+
+
+def test_workers_fork_with_the_collector_kept_off_shared_objects_and_restore_it():
+    # a full collection in any process would otherwise copy every page of old objects it visits
+    with Workers(2, _frozen_objects, _no_init, ()) as workers:
+        assert gc.get_freeze_count() > 1000
+        assert min(workers.map(range(4), in_flight=2)) > 1000
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), Workers(2, _fail_on_5, _no_init, ()) as workers:
+        list(workers.map(range(10), in_flight=4))
+    assert gc.get_freeze_count() == 0
 
 
 def test_a_killed_worker_is_a_one_line_error_not_a_hang():
