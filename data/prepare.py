@@ -27,6 +27,7 @@ a failed run leaves no output, and an existing --out is replaced only by a compl
 import argparse
 import ctypes
 import gc
+import glob
 import os
 import shutil
 import sys
@@ -224,19 +225,25 @@ def _work(block: Block) -> Chunk:
 
 # ----------------------------------------------------------------------------- worker processes
 
-def _serve(work, init, init_args: tuple, tasks: Connection, results: Connection) -> None:
+def _serve(work, init, init_args: tuple, tasks: Connection, results: Connection, not_ours: list[Connection]) -> None:
     """A worker process: init(*init_args), then work(task) for every task that comes through
     `tasks`, each result (or the error it raised) sent back through `results` in the same order,
     until None comes. A thread takes the tasks in as they arrive, so that the main process never
     waits to hand one over: it would deadlock, as it may be sending task i while this worker waits
-    for it to take result i - n."""
+    for it to take result i - n. If the main process dies (kill -9, the OOM killer), `tasks` ends
+    and the worker exits at once."""
+    for conn in not_ours:  # the pipe ends fork copied in: while we hold one, `tasks` cannot end
+        conn.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     init(*init_args)
     inbox = queue.SimpleQueue()
 
     def receive() -> None:
         while True:
-            task = tasks.recv()
+            try:
+                task = tasks.recv()
+            except EOFError:  # the main process is gone, and nothing would take our results
+                os._exit(1)
             inbox.put(task)
             if task is None:
                 return
@@ -270,7 +277,8 @@ class Workers:
         for _ in range(n):
             task_reader, task_writer = Pipe(duplex=False)
             result_reader, result_writer = Pipe(duplex=False)
-            proc = Process(target=_serve, args=(work, init, init_args, task_reader, result_writer), daemon=True)
+            not_ours = self.tasks + self.results + [task_writer, result_reader]  # the main process's ends
+            proc = Process(target=_serve, args=(work, init, init_args, task_reader, result_writer, not_ours), daemon=True)
             proc.start()
             result_writer.close()  # the worker's end: once the worker is gone, reading gives EOFError
             task_reader.close()
@@ -413,6 +421,8 @@ def prepare(args: argparse.Namespace) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # left by kill -9, or a run still going
+        print(f"note: {stale} is from another run into {out} that has not finished (remove it if none is running)", file=sys.stderr)
     tmp.mkdir()
     try:
         meta = _write_shards(args, tok, tmp)

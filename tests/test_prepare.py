@@ -72,6 +72,16 @@ def test_pretrain_end_to_end(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left
 
 
+def test_a_temp_dir_left_by_a_killed_run_is_named_and_left_alone(tmp_path, capsys):
+    stale = tmp_path / ".out.tmp-99999"  # kill -9 gives prepare no chance to remove its temp dir
+    stale.mkdir()
+    (stale / "train_00000.bin").write_bytes(b"half")
+    rows = [{"text": random_text(np.random.default_rng(3), 100)}]
+    _, out = run_prepare(capsys, "pretrain", [write_jsonl(tmp_path / "a.jsonl", rows)], tmp_path / "out")
+    assert f"note: {stale} is from another run into {tmp_path / 'out'} that has not finished" in out.err
+    assert (stale / "train_00000.bin").read_bytes() == b"half"  # it may be a run still going
+
+
 def test_split_is_by_document_not_by_position(tmp_path, capsys):
     rng = np.random.default_rng(1)
     docs = [random_text(rng, 50) for _ in range(40)]
@@ -150,6 +160,43 @@ def test_a_killed_worker_is_a_one_line_error_not_a_hang():
     with pytest.raises(NanozhError, match=r"worker process \d+: was killed by signal 9 \(out of memory"):
         with Workers(2, _kill_self_on_5, _no_init, ()) as workers:
             list(workers.map(range(10), in_flight=4))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_exit_when_the_main_process_is_killed(tmp_path):
+    # they used to wait forever for their next task: each held a copy of its task pipe's write end
+    cmd = [sys.executable, str(ROOT / "data" / "prepare.py"), "--kind", "pretrain", "--input",
+           *[str(ROOT / "data" / "corpus" / "pretrain")] * 5, "--tokenizer", TOKENIZER,
+           "--out", str(tmp_path / "out"), "--workers", "2"]
+    main_process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 60
+        while len(workers) < 2 and time.time() < deadline and main_process.poll() is None:
+            with open(f"/proc/{main_process.pid}/task/{main_process.pid}/children") as f:
+                workers = [int(pid) for pid in f.read().split()]
+            time.sleep(0.02)
+        assert len(workers) == 2, "prepare did not start its workers"
+        time.sleep(0.3)  # into the run: ~100 MB of text takes a few seconds
+        main_process.kill()
+        assert main_process.wait() == -signal.SIGKILL
+        deadline = time.time() + 10
+        while any(map(_alive, workers)) and time.time() < deadline:
+            time.sleep(0.02)
+        assert not any(map(_alive, workers))
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def chat(*turns):
