@@ -20,7 +20,11 @@ tree, sampled every 50 ms: PSS summed over the tree (shared pages counted once, 
 are not double-counted) and the largest single RSS. Targets: prepare >= 0.8x encode (printed
 against both); peak memory on the large corpus <= 1.2x that on the small one. It also prints the
 CPU time prepare's main process spends per MB (it reads, dedups and writes for every worker), and
-so the throughput beyond which more workers cannot help.
+so the throughput beyond which more workers cannot help. Peak memory follows the input's layout
+as well as its size: a Parquet page is decompressed whole, and pyarrow writes files of long
+documents with a large first page (see data/sources.py). The full pretraining set the bundled
+corpus was drawn from peaks at ~1.5x the bundled corpus that way, and three copies of it, 3x the
+text, within a few MB of that.
 
 A shared VM's speed drifts by 10-20% from one run to the next, so encode and prepare are each run
 --repeat times, alternating, and the fastest run of each is compared (as timeit does), with the

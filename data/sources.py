@@ -197,6 +197,10 @@ def _parquet_blocks(path: str) -> Iterator[Block]:
         # before decoding it; streamed through a buffer of a block instead, the main process's peak
         # was 8-15 MB lower on the bundled corpus and on the full 97 MB pretraining set, and no slower
         pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=BLOCK_BYTES)
+        # a page is read and decompressed whole, and one page can be large: pyarrow's writer puts a
+        # column's first 1,024 values into its dictionary page before it gives up on a dictionary
+        # for unique texts, so a file of long documents starts with a page of 1,024 of them (16 MB
+        # of novels in one file we read, which alone took the main process from ~110 to 136 MB)
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise user_error(path, f"not a readable Parquet file ({e})", "check the file") from None
     meta = pf.metadata

@@ -162,6 +162,15 @@ def test_a_killed_worker_is_a_one_line_error_not_a_hang():
             list(workers.map(range(10), in_flight=4))
 
 
+def test_arrow_allocates_from_malloc_in_prepare():
+    # its default (mimalloc) keeps freed memory in a reserve that numpy cannot reuse; the choice
+    # must be made before pyarrow is imported, so it is checked in a fresh process
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    code = "import data.prepare, pyarrow; print(pyarrow.default_memory_pool().backend_name)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "system", run.stderr
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
