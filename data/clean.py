@@ -352,7 +352,8 @@ class _KeySet:
         new = _mapping(keys.size * 8)
         _keys(new)[:] = np.sort(keys, axis=None)
         while self.levels and len(self.levels[-1]) < 4 * len(new):
-            merged, n = _grown(self.levels.pop(), len(new))
+            n = len(self.levels[-1]) // 8
+            merged = _grown(self.levels.pop(), len(new))
             run = _keys(merged)
             run[n:] = _keys(new)
             # two sorted runs: the stable sort (timsort for uint64) merges them in linear time, in
@@ -373,16 +374,15 @@ def _keys(level: mmap.mmap) -> np.ndarray:
     return np.frombuffer(level, dtype=np.uint64)
 
 
-def _grown(level: mmap.mmap, extra: int) -> tuple[mmap.mmap, int]:
-    """`level` with `extra` more bytes at its end, and the number of keys it held."""
-    n = len(level) // 8
+def _grown(level: mmap.mmap, extra: int) -> mmap.mmap:
+    """`level` with `extra` more bytes at its end."""
     try:
         level.resize(len(level) + extra)
-        return level, n
+        return level
     except SystemError:  # no mremap (macOS): a new mapping, and a copy
         grown = _mapping(len(level) + extra)
         grown.write(level)
-        return grown, n
+        return grown
 
 
 VERDICTS = (None, "exact", "near")  # what Deduplicator.check_keys() returns the indices of
