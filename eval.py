@@ -256,8 +256,10 @@ def read_mc(path: str) -> list[tuple[int, str, list[str], int]]:
                 not all(isinstance(c, str) and c for c in choices):
             raise user_error(path, "question must be a string and choices at least two non-empty strings", line=n)
         answer = rec["answer"]
-        if not isinstance(answer, str) or answer.strip().upper() not in letters:
-            raise user_error(path, f"answer {answer!r} is not one of the letters {letters}", line=n)
+        # one of the letters, not a substring of them: "" and "BC" are in "ABCD" too
+        if not isinstance(answer, str) or answer.strip().upper() not in list(letters):
+            raise user_error(path, f"answer {answer!r} is not one of the letters {letters}",
+                             "one letter, such as \"A\"", line=n)
         items.append((n, rec["question"], choices, letters.index(answer.strip().upper())))
     if not items:
         raise user_error(path, "no questions in file", "one JSON object per line")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import eval as nanozh_eval
 from data.sources import iter_pretrain
+from errors import NanozhError
 from eval import _windows, answer_prompts, bpc_of_text, mc_accuracy, nll_of_tokens, read_mc
 from model import ModelConfig, Transformer
 from tokenizer.tokenizer import Tokenizer
@@ -256,3 +257,20 @@ def test_malformed_mc_files_name_file_and_line(monkeypatch, capsys, tmp_path, to
     path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
     assert what in eval_error(monkeypatch, capsys, tmp_path, tok, "--mc", str(path))
     assert eval_error(monkeypatch, capsys, tmp_path, tok, "--mc", str(path)).startswith(f"nanozh: {path}:2: ")
+
+
+@pytest.mark.parametrize("answer", ["", " ", "BC", "ABCD", "E", 1, None, ["A"]])
+def test_mc_answer_that_is_not_exactly_one_choice_letter_names_file_and_line(tmp_path, answer):
+    path = tmp_path / "mc.jsonl"
+    good = {"question": "?", "choices": ["a", "b", "c", "d"], "answer": "A"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": answer}) + "\n", encoding="utf-8")
+    with pytest.raises(NanozhError) as e:
+        read_mc(str(path))
+    assert str(e.value).startswith(f"nanozh: {path}:2: answer {answer!r} is not one of the letters ABCD")
+
+
+def test_mc_answer_letter_may_be_lower_case_or_padded(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    lines = [{"question": "?", "choices": ["a", "b", "c", "d"], "answer": a} for a in ["A", " b", "c\n", "D"]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    assert [answer for _, _, _, answer in read_mc(str(path))] == [0, 1, 2, 3]
