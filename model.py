@@ -459,12 +459,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of logits (B, V): the argmax at temperature 0; otherwise drawn from
+    softmax(logits / temperature) restricted to the top_k most likely tokens (exactly k, ties at the
+    k-th broken by torch.topk), then to the nucleus of what is left: the smallest set of most likely
+    tokens whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # keep the k by index, not by value: `logits < kth` would keep every token tied with the k-th
+        best = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(1, best.indices, best.values)
     if top_p is not None and top_p < 1:
         # nucleus: keep the most likely tokens until their mass reaches top_p (at least one)
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)

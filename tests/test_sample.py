@@ -6,6 +6,7 @@ The model is a tiny random Transformer over the shipped tokenizer's vocabulary, 
 directory with tokenizer.model beside it, as training leaves it."""
 
 import io
+import math
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import sample
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, apply_repetition_penalty, sample_next
 from tokenizer.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +104,90 @@ def test_prompt_file_answers_every_line(monkeypatch, capsys, model_dir, tmp_path
                         "--temperature", "0", "--max_new_tokens", "5")
     assert "> 你好\n" in out and "> 再见\n" in out
     assert re.fullmatch(r"\d+ tokens in [\d.]+s, [\d.]+ tokens/s \(prompt \d+ tokens\)\n", err)
+
+
+# -----------------------------------------------------------------------------
+# the sampling filters (model.sample_next, model.apply_repetition_penalty)
+
+# one row of probabilities, most likely first after sorting: token 5 (.30), 2 (.25), 7 (.15), 0 (.12), ...
+PROBS = torch.tensor([0.12, 0.03, 0.25, 0.05, 0.08, 0.30, 0.02, 0.15])
+BY_RANK = [5, 2, 7, 0, 4, 3, 1, 6]
+DRAWS = 20000
+
+
+def draw(top_k=None, top_p=None, temperature=1.0, logits=None) -> torch.Tensor:
+    """How often each token is drawn, as a fraction of DRAWS draws from one fixed logits row."""
+    logits = PROBS.log() if logits is None else logits
+    rows = logits.expand(DRAWS, -1)
+    tokens = sample_next(rows, temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    return torch.bincount(tokens, minlength=len(logits)) / DRAWS
+
+
+def renormalised(keep: list[int]) -> torch.Tensor:
+    p = torch.zeros_like(PROBS)
+    p[keep] = PROBS[keep] / PROBS[keep].sum()
+    return p
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_top_k_never_emits_a_token_outside_the_k_best(k):
+    freq = draw(top_k=k)
+    assert set(freq.nonzero().flatten().tolist()) == set(BY_RANK[:k])
+    assert torch.allclose(freq, renormalised(BY_RANK[:k]), atol=0.015)  # and in proportion
+
+
+def test_top_k_keeps_exactly_k_tokens_when_several_tie_with_the_k_th():
+    logits = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 0.0])
+    freq = draw(top_k=2, logits=logits)
+    assert freq[1] > 0.5 and (freq > 0).sum() == 2  # the best and one of the three tied at 2.0
+
+
+@pytest.mark.parametrize("top_p, nucleus", [
+    (0.2, 1),    # below the first token's .30: the most likely token alone
+    (0.5, 2),    # .30 + .25 = .55 reaches it
+    (0.6, 3),    # .55 does not, .70 does
+    (0.85, 5),   # .82 does not, .90 does
+])
+def test_top_p_never_emits_a_token_outside_the_nucleus(top_p, nucleus):
+    freq = draw(top_p=top_p)
+    assert set(freq.nonzero().flatten().tolist()) == set(BY_RANK[:nucleus])
+    assert torch.allclose(freq, renormalised(BY_RANK[:nucleus]), atol=0.015)
+
+
+def test_top_p_applies_to_what_top_k_left():
+    # the top 2 renormalised are .30/.55 = .55 and .45: the first alone reaches 0.5, where from the
+    # whole row (.30, then .55) it takes two
+    assert draw(top_k=2, top_p=0.5).nonzero().flatten().tolist() == [BY_RANK[0]]
+    assert set(draw(top_p=0.5).nonzero().flatten().tolist()) == set(BY_RANK[:2])
+
+
+def test_repetition_penalty_divides_a_seen_positive_logit_and_multiplies_a_negative_one():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 0.0]])
+    seen = torch.tensor([[True, True, False, False, True]])
+    penalised = apply_repetition_penalty(logits, seen, 2.0)
+    assert penalised.tolist() == [[1.0, -2.0, 0.5, -0.5, 0.0]]  # unseen tokens keep their logits
+    # the probabilities that follow, written out
+    e = [math.exp(v) for v in (1.0, -2.0, 0.5, -0.5, 0.0)]
+    expected = torch.tensor([[v / sum(e) for v in e]])
+    assert torch.allclose(torch.softmax(penalised, dim=-1), expected, atol=1e-7)
+    after, before = torch.softmax(penalised, dim=-1), torch.softmax(logits, dim=-1)
+    assert after[0, 0] < before[0, 0] and after[0, 1] < before[0, 1]  # both repeats less likely
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+
+
+def test_generation_penalises_tokens_of_the_prompt_and_those_it_produced():
+    """A model whose next-token logits never change: greedy decoding repeats its favourite, unless
+    the penalty pushes a seen token below the next unseen one."""
+    model = Transformer(ModelConfig(vocab_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, block_size=32))
+    fixed = torch.zeros(16)
+    fixed[[3, 5, 9]] = torch.tensor([2.0, 1.5, 1.2])
+    model.forward = lambda idx, cache=None: (fixed.expand(*idx.shape, -1), None)
+    prompt = torch.tensor([[1, 9]])
+    assert model.generate(prompt, 3, temperature=0, use_cache=False)[0, 2:].tolist() == [3, 3, 3]
+    # penalty 2, applied once per seen token however often it repeats: 9 was in the prompt (0.6);
+    # 3 is produced first (2.0, then 1.0), then 5 (1.5, then 0.75), then 3 again, for good
+    out = model.generate(prompt, 4, temperature=0, repetition_penalty=2.0, use_cache=False)
+    assert out[0, 2:].tolist() == [3, 5, 3, 3]
 
 
 # -----------------------------------------------------------------------------
