@@ -15,18 +15,21 @@ clean_text(text, cfg) applies, in this order, the rules that are switched on:
 It returns the cleaned text and the names of the rules that changed it; a dropped document comes
 back as "" with "min_chars" last. clean_texts does the same for a batch, faster. clean_text(s)
 and dedup_keys are pure functions of their arguments, so prepare.py runs them in its workers and
-sends the main process only the keys: 1 + bands 64-bit numbers per document.
+sends the main process only the keys and sketches: 1 + bands 64-bit numbers and num_perm bytes
+per document.
 
 Deduplicator (one per corpus, in the main process) drops
     exact  a document whose cleaned text has the same 64-bit blake2b hash as a kept one;
-    near   a document whose MinHash signature shares an LSH band with a kept one: about the
-           documents whose estimated Jaccard similarity over character 5-grams is above
-           near_threshold (the S-curve of the band/row split chosen for it, see lsh_bands);
-           a text shorter than ngram characters has no n-grams and is only deduplicated exactly.
-No text is kept: its memory is 8 bytes per key and 1 + bands keys per kept document, 80 MB per
-million documents with the defaults (9 bands), however long the documents.
+    near   a document whose MinHash signature shares an LSH band with a kept one (the S-curve of
+           the band/row split chosen for near_threshold, see lsh_bands, finds the candidates) and
+           whose Jaccard similarity over character 5-grams with it, estimated from the two
+           signatures, is at least near_threshold; a text shorter than ngram characters has no
+           n-grams and is only deduplicated exactly.
+No text is kept: 208 bytes per kept document with the defaults (see Deduplicator), however long
+the documents.
 """
 
+import math
 import mmap
 import re
 import unicodedata
@@ -299,26 +302,49 @@ def exact_keys(texts: list[str]) -> np.ndarray:
 # texts per minhash_signatures() call: its temporaries grow with the empty bins that short texts
 # leave (25 MB for a block of 3,700 short poems at once, 7 MB in groups of this size)
 MINHASH_GROUP = 1024
+SKETCH_MIX = (U32(0x85EBCA6B), U32(0xC2B2AE35))  # murmur3's 32-bit finaliser
 
 
-def dedup_keys(texts: list[str], cfg: CleanConfig) -> np.ndarray:
-    """(len(texts), 1 + bands) uint64: each text's exact key, then its LSH band keys (the rows of
-    one band of its MinHash signature hashed into one number, with the lowest bit set), all that
-    Deduplicator.check_keys needs. A band key is 0 (none) when near_dedup is off or the text is
-    shorter than an n-gram. A pure function of the texts: prepare.py runs it in its workers."""
+def sketches(sig: np.ndarray) -> np.ndarray:
+    """uint8, the shape of `sig`: 8 bits of each signature slot, what Deduplicator compares to
+    estimate Jaccard (a quarter of the memory of the whole slots). Two slots with the same value
+    give the same byte; two different ones give the same byte with p = 1/256, which the estimate
+    takes back out. The byte is the top of a hash of the slot, not the slot's own bits: a slot is a
+    minimum, so its top bits are mostly 0, and its low bits follow the low bits of the characters."""
+    h = sig ^ (sig >> U32(16))
+    h *= SKETCH_MIX[0]
+    h ^= h >> U32(13)
+    h *= SKETCH_MIX[1]
+    h ^= h >> U32(16)
+    return (h >> U32(24)).astype(np.uint8)
+
+
+def dedup_keys(texts: list[str], cfg: CleanConfig) -> tuple[np.ndarray, np.ndarray]:
+    """All that Deduplicator.check_keys needs of the texts: (keys, sketches), where keys is
+    (len(texts), 1 + bands) uint64, each text's exact key then its LSH band keys (the rows of one
+    band of its MinHash signature hashed into one number, with the lowest bit set), and sketches is
+    (len(texts), num_perm) uint8, sketches() of its signature (0 columns when near_dedup is off).
+    A band key is 0 (none) when near_dedup is off or the text is shorter than an n-gram. A pure
+    function of the texts: prepare.py runs it in its workers."""
     bands, rows = lsh_bands(cfg.near_threshold, cfg.num_perm)
     keys = np.zeros((len(texts), 1 + bands), dtype=np.uint64)
     keys[:, 0] = exact_keys(texts)
+    sketch = np.zeros((len(texts), cfg.num_perm if cfg.near_dedup else 0), dtype=np.uint8)
     for i in range(0, len(texts) if cfg.near_dedup else 0, MINHASH_GROUP):
         group = texts[i:i + MINHASH_GROUP]
-        sig = minhash_signatures(group, cfg)[:, :bands * rows].reshape(len(group), bands, rows)
+        sig = minhash_signatures(group, cfg)
+        sketch[i:i + len(group)] = sketches(sig)
+        banded = sig[:, :bands * rows].reshape(len(group), bands, rows)
         band_keys = keys[i:i + len(group), 1:]
-        band_keys[:] = (sig * _band_multipliers(bands, rows)).sum(axis=2) | U64(1)
-        band_keys[sig[:, 0, 0] == EMPTY] = 0  # no n-grams: only the exact key
-    return keys
+        band_keys[:] = (banded * _band_multipliers(bands, rows)).sum(axis=2) | U64(1)
+        band_keys[sig[:, 0] == EMPTY] = 0  # no n-grams: only the exact key
+    return keys, sketch
 
 
 # ----------------------------------------------------------------------------- deduplication
+
+LOW32, HIGH32 = U64(0xFFFFFFFF), U64(0xFFFFFFFF00000000)
+
 
 class _KeySet:
     """A set of 64-bit keys at 8 bytes each: sorted runs ("levels") whose sizes shrink at least 4x
@@ -345,6 +371,21 @@ class _KeySet:
             found |= level[i] == keys
         return found
 
+    def find(self, prefixes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every key in the set whose top 32 bits are one of `prefixes` (uint64 keys with their low
+        32 bits 0, sorted: binary searches go ~2x faster): (index into prefixes, the key's low 32
+        bits) per match, as two uint64 arrays."""
+        which, low = [np.zeros(0, dtype=np.uint64)], [np.zeros(0, dtype=np.uint64)]
+        for level in map(_keys, self.levels):
+            start = np.searchsorted(level, prefixes)
+            count = np.searchsorted(level, prefixes | LOW32, side="right") - start
+            # the matches of prefix q are level[start[q] : start[q] + count[q]], mostly none
+            q = np.repeat(np.arange(len(prefixes), dtype=np.uint64), count)
+            at = np.repeat(start - (np.cumsum(count) - count), count) + np.arange(len(q))
+            which.append(q)
+            low.append(level[at] & LOW32)
+        return np.concatenate(which), np.concatenate(low)
+
     def add(self, keys: np.ndarray) -> None:
         """Add keys that are not in the set yet."""
         if not keys.size:
@@ -362,6 +403,28 @@ class _KeySet:
             del run  # a mapping cannot be resized while an array views it
             new = merged
         self.levels.append(new)
+
+
+class _Rows:
+    """A growing table of uint8 rows of one width, appended to and read by row number, in an
+    anonymous mapping (for _KeySet's reasons) whose size doubles when it is full: pages of it that
+    no row reached yet are never touched, so they cost no memory."""
+
+    def __init__(self, width: int) -> None:
+        self.width, self.count = width, 0
+        self.table = _mapping(max(width, 1) << 12)
+
+    def append(self, rows: np.ndarray) -> None:
+        end = (self.count + len(rows)) * self.width
+        if end > len(self.table):
+            self.table = _grown(self.table, max(end, 2 * len(self.table)) - len(self.table))
+        np.frombuffer(self.table, dtype=np.uint8, count=end)[self.count * self.width:] = rows.reshape(-1)
+        self.count += len(rows)
+
+    def take(self, numbers: np.ndarray) -> np.ndarray:
+        """The rows with these numbers, copied out (a view would stop the mapping from growing)."""
+        view = np.frombuffer(self.table, dtype=np.uint8, count=self.count * self.width)
+        return view.reshape(self.count, self.width)[numbers]
 
 
 def _mapping(size: int) -> mmap.mmap:
@@ -390,14 +453,28 @@ EXACT, NEAR = 1, 2
 
 
 class Deduplicator:
-    """Remembers the documents kept so far (as 64-bit keys only) and flags repeats of them."""
+    """Remembers the documents kept so far and flags repeats of them, in input order: a document
+    is an exact repeat when its exact key is a kept document's, else a near duplicate when it shares
+    an LSH band with a kept document (a candidate) whose Jaccard similarity with it, estimated from
+    their signatures, is at least near_threshold; else it is kept.
+
+    Per kept document it stores its exact key, and per band the band key's top 32 bits beside the
+    document's number (a 64-bit key: (band key >> 32) << 32 | number), then its sketch (the byte
+    of each signature slot that dedup_keys gives): 8 + 8 x bands + num_perm bytes, 208 with the
+    defaults (9 bands, 128 slots), 208 MB per million kept documents, however long they are.
+    A band key cut to 32 bits meets an unrelated one with p = 2^-32, so a document gets ~81 x kept
+    / 2^32 false candidates (0.02 per million kept), each ruled out by one comparison of sketches.
+    Documents are numbered in 32 bits: 4 billion kept documents, 900 GB of this state, at most."""
 
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg
-        bands, _ = lsh_bands(cfg.near_threshold, cfg.num_perm)
-        # the columns of dedup_keys() that the switched-on rules compare
-        self.cols = slice(0 if cfg.exact_dedup else 1, 1 + bands if cfg.near_dedup else 1)
-        self.seen = _KeySet()  # the exact and band keys of every kept document
+        self.exact = _KeySet()   # the exact keys of the kept documents
+        self.bands = _KeySet()   # their band entries, (band key >> 32) << 32 | number
+        self.sketches = _Rows(cfg.num_perm)  # row `number`: the sketch of the kept document of that number
+        # estimated Jaccard = (equal bytes / num_perm - 1/256) / (1 - 1/256), taking out the chance
+        # that two different slots give the same byte; >= threshold when at least this many are equal
+        t = cfg.near_threshold
+        self.min_equal = math.ceil(cfg.num_perm * (t + (1 - t) / 256) - 1e-9)
 
     def check(self, text: str) -> str | None:
         """None if the document is new (it is then remembered), else "exact" or "near"."""
@@ -405,46 +482,81 @@ class Deduplicator:
 
     def check_many(self, texts: list[str]) -> list[str | None]:
         """check() for a batch, in order (a text may repeat one earlier in the same batch)."""
-        return [VERDICTS[v] for v in self.check_keys(dedup_keys(texts, self.cfg)).tolist()]
+        return [VERDICTS[v] for v in self.check_keys(*dedup_keys(texts, self.cfg)).tolist()]
 
-    def check_keys(self, keys: np.ndarray) -> np.ndarray:
+    def similar(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Per row of two (n, num_perm) arrays of sketches: is their estimated Jaccard >= near_threshold."""
+        return np.count_nonzero(a == b, axis=1) >= self.min_equal
+
+    def check_keys(self, keys: np.ndarray, sketch: np.ndarray) -> np.ndarray:
         """check_many() from the texts' dedup_keys(), which prepare.py's workers compute, as a
-        uint8 array of indices into VERDICTS (0: new). A document is a repeat when one of its keys
-        is a key of a document kept before it: "exact" when that is its exact key, else "near".
-        Most documents share no key with anything, so numpy finds the few that do, and only those
-        are decided one by one."""
-        keys = keys[:, self.cols]
-        n, width = keys.shape
-        verdicts = np.zeros(n, dtype=np.uint8)
-        if not width:
-            return verdicts
-        valid = keys != 0
-        # a key already met earlier in this batch (row-major order is document order)
-        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        first_doc = (first // width)[inverse].reshape(n, width)
-        # a key of a document kept in an earlier batch (sorted keys: binary searches go ~2x faster)
-        stored = self.seen.contains(unique)[inverse].reshape(n, width) & valid
-        repeated = (first_doc < np.arange(n)[:, None]) & valid
-        suspects = np.flatnonzero((stored | repeated).any(axis=1))
-        kept = np.ones(n, dtype=bool)
-        # every document but a suspect is kept, and shares no key with an earlier one; a suspect's
-        # key that first appeared in such a document is seen, and so is one of a kept suspect
-        seen_earlier = repeated & ~np.isin(first_doc, suspects)
-        kept_keys: set[int] = set()
-        exact = self.cfg.exact_dedup
-        for i in suspects.tolist():
-            row = keys[i][valid[i]].tolist()
-            hit = stored[i][valid[i]] | seen_earlier[i][valid[i]] | np.array([k in kept_keys for k in row])
-            if exact and hit[0]:
+        uint8 array of indices into VERDICTS (0: new). Most documents share no key with a kept
+        document nor with another of the batch, so numpy finds the few that do (the suspects),
+        and only those are decided one by one, in order."""
+        n = len(keys)
+        docs = np.arange(n)
+        exact_key = keys[:, 0]
+        if self.cfg.exact_dedup:
+            unique, first, inverse = np.unique(exact_key, return_index=True, return_inverse=True)
+            first = first[inverse]  # each document's first copy in the batch
+            exact_stored = self.exact.contains(unique)[inverse]
+        else:
+            first, exact_stored = docs, np.zeros(n, dtype=bool)
+        near_stored, near_batch = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        if self.cfg.near_dedup:
+            entries = self._entries(keys[:, 1:], docs)
+            entry_doc = (entries & LOW32).astype(np.intp)
+            # candidates kept in earlier batches: near when one of them is similar enough
+            which, number = self.bands.find(entries & HIGH32)
+            pair_doc = entry_doc[which]
+            near_stored[pair_doc[self.similar(sketch[pair_doc], self.sketches.take(number))]] = True
+            # candidates in this batch: entries of one band key are adjacent, in document order
+            prefix = entries >> U64(32)
+            new_group = np.ones(len(entries), dtype=bool)
+            new_group[1:] = prefix[1:] != prefix[:-1]
+            group_start = np.maximum.accumulate(np.where(new_group, np.arange(len(entries)), 0))
+            near_batch[entry_doc[~new_group]] = True
+        suspects = np.flatnonzero(exact_stored | (first < docs) | near_stored | near_batch)
+        verdicts, kept = np.zeros(n, dtype=np.uint8), np.ones(n, dtype=bool)
+        if len(suspects) and self.cfg.near_dedup:
+            by_doc = np.argsort(entry_doc, kind="stable")  # each document's entries, adjacent
+            entry_range = np.searchsorted(entry_doc[by_doc], [suspects, suspects + 1])
+        for s, i in enumerate(suspects.tolist()):
+            if exact_stored[i] or (first[i] < i and kept[first[i]]):
                 verdicts[i] = EXACT
-            elif hit.any():
+            elif near_stored[i] or (near_batch[i] and self._similar_earlier(
+                    i, by_doc[entry_range[0, s]:entry_range[1, s]], group_start, entry_doc, sketch, kept)):
                 verdicts[i] = NEAR
             else:
-                kept_keys.update(row)
                 continue
             kept[i] = False
-        self.seen.add(keys[kept][valid[kept]])
+        self._remember(keys[kept], sketch[kept])
         return verdicts
+
+    @staticmethod
+    def _entries(band_keys: np.ndarray, docs: np.ndarray) -> np.ndarray:
+        """Sorted uint64 (band key >> 32) << 32 | document, one per band key that is not 0."""
+        valid = band_keys != 0
+        return np.sort((band_keys[valid] & HIGH32) | np.repeat(docs, valid.sum(axis=1)).astype(np.uint64))
+
+    def _similar_earlier(self, i: int, own: np.ndarray, group_start: np.ndarray, entry_doc: np.ndarray,
+                         sketch: np.ndarray, kept: np.ndarray) -> bool:
+        """Is document i similar to a kept document earlier in the batch that shares a band key
+        with it? `own` are the positions of its entries, each after the earlier documents of its group."""
+        earlier = np.concatenate([entry_doc[group_start[e]:e] for e in own.tolist()])
+        # below i: in a group of two of its own bands that met in 32 bits, i would meet itself
+        earlier = earlier[(earlier < i) & kept[earlier]]
+        return bool(self.similar(sketch[earlier], sketch[i][None, :]).any())
+
+    def _remember(self, keys: np.ndarray, sketch: np.ndarray) -> None:
+        """Store the keys and sketches of the documents just kept."""
+        if self.cfg.exact_dedup:
+            self.exact.add(keys[:, 0])
+        if self.cfg.near_dedup:
+            with_grams = keys[:, 1] != 0  # a text shorter than an n-gram has no band keys
+            numbers = self.sketches.count + np.arange(np.count_nonzero(with_grams))
+            self.bands.add(self._entries(keys[with_grams, 1:], numbers))
+            self.sketches.append(sketch[with_grams])
 
 
 # ----------------------------------------------------------------------------- counts

@@ -7,10 +7,11 @@
 Inputs are files or directories of .txt/.jsonl/.json/.parquet (see data/sources.py for the fields
 read). The main process reads the input as blocks of raw lines or Arrow batches (~1 MB each) and
 hands them to --workers processes, which decode the records, clean each text (data/clean.py),
-tokenize it and compute its dedup keys (a hash, and the LSH bands of its MinHash signature); the
-main process takes the results back in input order, drops exact and near duplicates (that needs
-every earlier document, so it cannot be split across workers), and appends what survives to the
-train or val split, chosen by a hash of the document so that the same text always lands in the
+tokenize it and compute its dedup keys (a hash, the LSH bands of its MinHash signature, and a byte
+per signature slot to estimate similarity); the main process takes the results back in input order,
+drops exact and near duplicates (that needs every earlier document, so it cannot be split across
+workers, and it makes the result the same for any number of them), and appends what survives to
+the train or val split, chosen by a hash of the document so that the same text always lands in the
 same split. At most a few blocks per worker are in flight, so memory stays flat however large the
 corpus.
 
@@ -79,7 +80,8 @@ class Chunk:
     items: list[tuple] = field(default_factory=list)     # per survivor: what SplitWriter.add takes
     tokens: np.ndarray | None = None                     # pretrain: all survivors' tokens back to back,
     offsets: np.ndarray | None = None                    # survivor j is tokens[offsets[j]:offsets[j+1]]
-    keys: np.ndarray | None = None                       # per survivor: dedup_keys() of its text
+    keys: np.ndarray | None = None                       # per survivor, dedup_keys() of its text:
+    sketches: np.ndarray | None = None                   # its keys and its sketch
     val: np.ndarray | None = None                        # and whether it goes to the val split
 
     def malformed(self, err: NanozhError | str) -> None:
@@ -221,9 +223,9 @@ WORK = {"pretrain": _pretrain, "sft": _sft, "dpo": _dpo}
 
 def _work(block: Block) -> Chunk:
     chunk = WORK[_W["kind"]](block)
-    chunk.keys = dedup_keys(chunk.texts, _W["cfg"])  # one numpy pass for the whole chunk
+    chunk.keys, chunk.sketches = dedup_keys(chunk.texts, _W["cfg"])  # one numpy pass for the whole chunk
     chunk.val = chunk.keys[:, 0] / 2**64 < _W["val_fraction"]  # split by the exact key, a hash of the text
-    chunk.texts = None  # the main process needs only the keys: sending the texts back would cost a copy
+    chunk.texts = None  # the main process needs only keys and sketches: sending the texts back would cost a copy
     return chunk
 
 
@@ -466,7 +468,7 @@ def _write_shards(args: argparse.Namespace, tok: Tokenizer, tmp: Path) -> dict:
         for chunk in workers.map(blocks, 3 * args.workers) if workers else map(_work, blocks):
             for error in chunk.errors:
                 on_error(NanozhError(error))
-            verdicts = dedup.check_keys(chunk.keys)
+            verdicts = dedup.check_keys(chunk.keys, chunk.sketches)
             chunk.stats.dropped.update(VERDICTS[v] for v in verdicts[verdicts != 0].tolist())
             stats.merge(chunk.stats)
             kept = verdicts == 0

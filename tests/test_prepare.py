@@ -100,11 +100,13 @@ def test_workers_give_the_same_shards_as_one_process(tmp_path, capsys, monkeypat
     rng = np.random.default_rng(2)
     docs = [random_text(rng, 300) for _ in range(300)]
     docs[200] = docs[10]  # a duplicate in another block than its first
+    # near duplicates (2 of 300 characters changed) in the same block as their first and in another
+    docs[21], docs[250] = docs[20][:100] + "甲乙" + docs[20][102:], docs[20][:200] + "丙丁" + docs[20][202:]
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
     meta, _ = run_prepare(capsys, "pretrain", [path], tmp_path / "one", "--val_fraction", "0.1")
     main(["--kind", "pretrain", "--input", path, "--tokenizer", TOKENIZER, "--out", str(tmp_path / "two"),
           "--workers", "3", "--val_fraction", "0.1"])
-    assert meta["clean"]["dropped"]["exact"] == 1 and read_meta(tmp_path / "two")["clean"] == meta["clean"]
+    assert meta["clean"]["dropped"] == {"exact": 1, "near": 2} and read_meta(tmp_path / "two")["clean"] == meta["clean"]
     for name in ("train_00000.bin", "val_00000.bin"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
