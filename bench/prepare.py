@@ -32,6 +32,15 @@ spread of the runs printed beside it.
 
 The generated corpus is built from the bundled one's paragraphs, drawn at random into new documents
 of a similar length, so it tokenizes like real text and its documents are not near duplicates.
+
+Last, near-duplicate removal is scored on planted pairs at --near_threshold 0.7, 0.8 and 0.9
+(`--only_dedup` prints only that): for each threshold t, --pairs documents of 1,000 random CJK
+characters (so that their character 5-grams are distinct and the edits alone set the similarity),
+each followed, in a later batch, by a copy with characters replaced at random places, as many as
+put its true 5-gram Jaccard J with the original spread evenly over [t - 0.15, t + 0.1].
+precision = removed pairs with J >= t / removed pairs; recall = removed pairs with J >= t / pairs
+with J >= t. Beside them, the same for "LSH only": every pair that shares a band, what
+Deduplicator removed before it checked each candidate's estimated Jaccard.
 """
 
 import argparse
@@ -53,6 +62,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from data.clean import CleanConfig, Deduplicator, dedup_keys
 from data.sources import iter_pretrain
 from tokenizer.tokenizer import Tokenizer
 
@@ -178,6 +188,54 @@ def run_prepare(paths: list[str], tokenizer: str, out: Path, workers: int) -> di
     return {"seconds": seconds, "cpu": cpu, "main_cpu": main_cpu[0], "pss": peak[0], "rss": peak[1], "meta": meta, "summary": stdout.strip().splitlines()[-1]}
 
 
+def planted_pairs(threshold: float, n: int, rng: np.random.Generator, length: int = 1000) -> tuple[list, list, np.ndarray]:
+    """n documents, n edited copies of them, and each pair's true Jaccard of character 5-grams,
+    spread evenly over [threshold - 0.15, threshold + 0.1]."""
+    firsts, seconds, js = [], [], []
+    grams = length - 4
+    for target in rng.uniform(threshold - 0.15, min(threshold + 0.1, 1.0), size=n):
+        chars = rng.integers(0x4E00, 0x9FA5, size=length)
+        # one replaced character breaks the 5 grams over it, fewer where they overlap: Jaccard
+        # (grams - broken) / (grams + broken) is about the target with this many
+        k = max(1, round(grams * (1 - target) / (1 + target) / 5 * 1.1))
+        edited = chars.copy()
+        edited[rng.choice(length, size=k, replace=False)] = rng.integers(0x4E00, 0x9FA5, size=k)
+        a, b = "".join(map(chr, chars)), "".join(map(chr, edited))
+        sa, sb = ({t[i:i + 5] for i in range(grams)} for t in (a, b))
+        firsts.append(a)
+        seconds.append(b)
+        js.append(len(sa & sb) / len(sa | sb))
+    return firsts, seconds, np.array(js)
+
+
+def near_dedup_quality(n_pairs: int) -> list[dict]:
+    """Precision and recall of near-duplicate removal on planted pairs, per threshold (see the
+    module docstring), with and without the check of each LSH candidate's estimated Jaccard."""
+    rows, rng = [], np.random.default_rng(0)
+    for t in (0.7, 0.8, 0.9):
+        firsts, seconds, js = planted_pairs(t, n_pairs, rng)
+        cfg = CleanConfig(near_threshold=t)
+        dedup = Deduplicator(cfg)
+        dedup.check_many(firsts)
+        removed = np.array(dedup.check_many(seconds)) == "near"
+        keys_a, keys_b = dedup_keys(firsts, cfg)[0][:, 1:], dedup_keys(seconds, cfg)[0][:, 1:]
+        lsh = (keys_a == keys_b).any(axis=1)  # a band's key is the same only in the same band
+        above = js >= t
+        row = {"threshold": t, "pairs": n_pairs, "J >= t": int(above.sum()), "J range": f"{js.min():.2f}-{js.max():.2f}"}
+        for name, gone in (("", removed), ("LSH only ", lsh)):
+            row[f"{name}removed"] = int(gone.sum())
+            row[f"{name}precision"] = (gone & above).sum() / max(gone.sum(), 1)
+            row[f"{name}recall"] = (gone & above).sum() / max(above.sum(), 1)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("".join(f"{k:>{max(len(k), 8) + 2}}" for k in rows[0]))
+    for row in rows:
+        print("".join(f"{fmt(v):>{max(len(k), 8) + 2}}" for k, v in row.items()))
+
+
 def fmt(v) -> str:
     if isinstance(v, str):
         return v
@@ -192,7 +250,12 @@ def main() -> None:
     p.add_argument("--tokenizer", default=str(ROOT / "tokenizer" / "tokenizer.model"))
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the fastest counts")
+    p.add_argument("--pairs", type=int, default=2000, help="planted pairs per threshold for near-duplicate removal")
+    p.add_argument("--only_dedup", action="store_true", help="only score near-duplicate removal")
     args = p.parse_args()
+    if args.only_dedup:
+        print_dedup_quality(args.pairs)
+        return
     tok = Tokenizer(args.tokenizer)
     rows = []
     with tempfile.TemporaryDirectory(prefix="nanozh-bench-") as tmp:
@@ -228,9 +291,7 @@ def main() -> None:
                          "max RSS MB": max(p["rss"] for p in prepares) / 2**20})
     print(f"\nbench/prepare.py {' '.join(sys.argv[1:])}: {args.workers} workers, tokenizer vocab {tok.vocab_size}, "
           f"fastest of {args.repeat} alternating runs each (range: slowest-fastest MB/s)")
-    print("".join(f"{k:>{max(len(k), 8) + 2}}" for k in rows[0]))
-    for row in rows:
-        print("".join(f"{fmt(v):>{max(len(k), 8) + 2}}" for k, v in row.items()))
+    print_table(rows)
     small, big = rows
     for encode in ("encode", "ints"):
         speed = [row["prepare MB/s"] / row[f"{encode} MB/s"] for row in rows]
@@ -245,6 +306,12 @@ def main() -> None:
           f"tops out near {1 / big['main cpu s/MB']:.0f} MB/s however many workers it has")
     print(f"peak memory large/small: PSS {big['peak PSS MB'] / small['peak PSS MB']:.2f}x, "
           f"RSS {big['max RSS MB'] / small['max RSS MB']:.2f}x (target <= 1.2x)")
+    print_dedup_quality(args.pairs)
+
+
+def print_dedup_quality(n_pairs: int) -> None:
+    print(f"\nnear-duplicate removal on planted pairs (bench/prepare.py --only_dedup --pairs {n_pairs}):")
+    print_table(near_dedup_quality(n_pairs))
 
 
 if __name__ == "__main__":
