@@ -29,10 +29,8 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import string
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -42,8 +40,8 @@ from tqdm import tqdm
 
 from data.sources import iter_pretrain
 from errors import NanozhError, exit_on_user_error, user_error
-from model import Transformer
-from sample import check_fits, load, pick_device, pick_dtype, prompt_ids, read_prompts
+from files import read_prompts, write_jsonl
+from model import Transformer, autocast, check_fits, load, pick_device, pick_dtype
 from tokenizer.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -190,7 +188,7 @@ def answer_prompts(model: Transformer, tok: Tokenizer, records: list[tuple[str, 
     generator = torch.Generator(device=device).manual_seed(seed)
     prompts = []
     for where, r in records:
-        prompts.append(prompt_ids(tok, r["prompt"] if raw else [{"role": "user", "content": r["prompt"]}], raw))
+        prompts.append(tok.prompt_ids(r["prompt"] if raw else [{"role": "user", "content": r["prompt"]}], raw))
         check_fits(prompts[-1], model, where)
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):
@@ -210,21 +208,6 @@ def answer_prompts(model: Transformer, tok: Tokenizer, records: list[tuple[str, 
                           "finish": "length" if stop is None else "stop"}
             bar.update(len(group))
     return out
-
-
-def _write_jsonl(path: str, records: list[dict]) -> None:
-    """All lines or nothing: a temp file beside the target, renamed over it when complete."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------
@@ -327,13 +310,11 @@ def main() -> None:
     try:
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        # fp32 weights under autocast, as training computes its validation loss
         model, tok = load(args.model, device)
         if not 1 <= (args.stride or 1) <= model.config.block_size:
             raise user_error("--stride", f"{args.stride} is outside 1..{model.config.block_size}",
                              "0 = half the context")
-        amp = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=dtype)
-        with amp:
+        with autocast(device, dtype):  # fp32 weights, matmuls in dtype: as training's validation loss
             if args.text:
                 result = bpc_of_text(model, tok, args.text, args.stride or None, args.batch_size)
             elif args.chat_prompts:
@@ -342,7 +323,7 @@ def main() -> None:
                 answers = answer_prompts(model, tok, records, args.max_new_tokens, args.temperature,
                                          args.batch_size, args.raw, args.seed)
                 seconds = time.perf_counter() - t0
-                _write_jsonl(args.out, answers)
+                write_jsonl(args.out, answers)
                 tokens = sum(a["tokens"] for a in answers)
                 result = {"prompts": len(answers), "tokens": tokens, "seconds": round(seconds, 2),
                           "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "out": args.out}

@@ -4,20 +4,22 @@
 
 Pre-norm RMSNorm, rotary position embeddings (RoPE), grouped-query attention, SwiGLU MLP, no biases,
 optionally tied input/output embeddings. Reads top-down: config, norm, RoPE, attention, MLP, block,
-KV cache, the Transformer with forward/generate/save, then load_model and sampling helpers.
+KV cache, the Transformer with forward/generate/save, then loading a model directory with the one
+device/precision policy, and the sampling helpers.
 
     model = Transformer(ModelConfig(vocab_size=16000, n_layer=4, n_head=4, n_kv_head=2, n_embd=128))
     logits, loss = model(idx, targets)            # loss: mean cross entropy, targets == -1 ignored
     _, nll = model(idx, targets, reduction="none")  # (B, T) per-token NLL, 0 where ignored
     out = model.generate(idx, 100, temperature=0)  # greedy, with a KV cache
     model.save("out/m"); model = load_model("out/m")
+    model, tok = load("out/sft/latest", device)   # + its tokenizer, checked, in eval mode (sample, eval)
 """
 
 import argparse
 import json
 import math
 import os
-import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from attention import HEAD_DIMS, attention
 from errors import NanozhError, exit_on_user_error, user_error
+from files import atomic_path, write_text_atomic
+from tokenizer.tokenizer import Tokenizer
 
 ATTN_IMPLS = ("auto", "triton", "sdpa", "naive")
 
@@ -381,20 +385,9 @@ class Transformer(nn.Module):
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not (self.config.tie_embeddings and k == "lm_head.weight")}
-        _atomic_write(out_dir / "model.safetensors", lambda path: save_file(state, path, metadata={"format": "pt"}))
-        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
-        _atomic_write(out_dir / "config.json", lambda path: Path(path).write_text(text))
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with atomic_path(out_dir / "model.safetensors") as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
+        write_text_atomic(out_dir / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
 
 
 def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
@@ -434,6 +427,75 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
             raise user_error(weights_path, f"{name} contains NaN or inf", "training diverged before this save; use an earlier checkpoint")
     model.load_state_dict(state, strict=False)  # strict=False only because a tied head is not stored
     return model.to(device=device, dtype=dtype)
+
+
+def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+    """The model of a model directory and its tokenizer, checked against each other: what sample.py,
+    eval.py and every later tool load. fp32 weights on `device`, in eval mode; compute under
+    autocast(device, dtype) (see pick_dtype for the policy)."""
+    tok_path = Path(model_dir) / "tokenizer.model"
+    if Path(model_dir).is_dir() and not tok_path.is_file():
+        raise user_error(tok_path, "missing", "copy in the tokenizer.model the model was trained with")
+    model = load_model(model_dir, device=device)
+    tok = Tokenizer(tok_path)  # checks the special tokens sit at ids 0..5
+    if tok.vocab_size != model.config.vocab_size:
+        raise user_error(tok_path, f"tokenizer has {tok.vocab_size} tokens but the model was trained with "
+                         f"{model.config.vocab_size}", "use the tokenizer.model saved with this checkpoint")
+    return model.eval(), tok
+
+
+def check_fits(ids: list[int], model: Transformer, where: str) -> None:
+    """A prompt must leave room in the context for at least one generated token."""
+    ctx = model.config.block_size
+    if len(ids) >= ctx:
+        raise user_error(where, f"prompt is {len(ids)} tokens but the model's context is {ctx}",
+                         "shorten the prompt: at least one token of the context must be left for the answer")
+
+
+# ----------------------------------------------------------------------------------------------
+# device and precision: one policy for training, sampling and evaluation
+#
+# Weights stay fp32 everywhere; the matmuls run in `dtype` under autocast. Training keeps fp32
+# master weights for the optimizer anyway, and running inference the same way means eval.py's
+# bits per character equal training's validation loss and sample.py's greedy answer is the one
+# eval.py --chat_prompts writes, on the same device. The price, 2x the weight memory of casting
+# them to bf16, is small at nanozh's sizes (a 200M model: 0.8 GB). Autocast is per thread: code
+# that runs the model on another thread (a server's scheduler) enters it there.
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto: cuda, else Apple's mps, else cpu; or any device torch knows ("cuda:1")."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise user_error("--device", f"{name!r} is not a device", "use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise user_error("--device", f"{name} but no CUDA device is available", "use --device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise user_error("--device", "mps but this machine has no Apple GPU", "use --device=cpu")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype. auto: bfloat16 on CUDA (float16 on GPUs without bf16, with a GradScaler
+    in training), float32 elsewhere: CPU autocast is slower than fp32 on most CPUs, and mps's is
+    not reliable across torch versions."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise user_error("--dtype", f"{name!r} is not supported", "use auto, bfloat16, float16 or float32")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision: fp32 weights, matmuls in dtype; float32 means no autocast at all."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------

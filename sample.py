@@ -15,95 +15,18 @@ line (tokens, tokens/s) goes to stderr unless --quiet.
 """
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from errors import NanozhError, exit_on_user_error, user_error
-from model import Transformer, load_model
+from errors import NanozhError, exit_on_user_error
+from files import read_prompts
+from model import Transformer, autocast, check_fits, load, pick_device, pick_dtype
 from tokenizer.tokenizer import StreamDecoder, Tokenizer
 
 # -----------------------------------------------------------------------------
-# loading
-
-
-def pick_device(name: str = "auto") -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def load(model_dir: str, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """The model and the tokenizer of a model directory, checked against each other, in eval mode."""
-    tok_path = Path(model_dir) / "tokenizer.model"
-    if Path(model_dir).is_dir() and not tok_path.is_file():
-        raise user_error(tok_path, "missing", "copy in the tokenizer.model the model was trained with")
-    model = load_model(model_dir, device=device, dtype=dtype)
-    tok = Tokenizer(tok_path)  # checks the special tokens sit at ids 0..5
-    if tok.vocab_size != model.config.vocab_size:
-        raise user_error(tok_path, f"tokenizer has {tok.vocab_size} tokens but the model was trained with "
-                         f"{model.config.vocab_size}", "use the tokenizer.model saved with this checkpoint")
-    return model.eval(), tok
-
-
-def read_prompts(path: str) -> list[tuple[int, dict]]:
-    """(line number, record) per prompt: JSONL records with a string "prompt" (other fields are
-    kept), or for any other file each non-empty line as {"prompt": line}."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise user_error(path, f"cannot read prompt file ({e})", "pass a UTF-8 text or JSONL file") from None
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not path.endswith(".jsonl"):
-            prompts.append((n, {"prompt": line}))
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise user_error(path, f"malformed JSON ({e.msg})", "one JSON object per line", line=n) from None
-        if not isinstance(rec, dict) or "prompt" not in rec:
-            have = f"fields: {', '.join(rec) or 'none'}" if isinstance(rec, dict) else f"a JSON {type(rec).__name__}"
-            raise user_error(path, f'no "prompt" field ({have})', 'write {"prompt": "..."} on each line', line=n)
-        if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
-            raise user_error(path, f'"prompt" is {rec["prompt"]!r}, not a non-empty string', "", line=n)
-        prompts.append((n, rec))
-    if not prompts:
-        raise user_error(path, "no prompts in file", "one prompt per line, or JSONL with a \"prompt\" field")
-    return prompts
-
-
-# -----------------------------------------------------------------------------
 # generation
-
-
-def prompt_ids(tok: Tokenizer, messages_or_text: list[dict] | str, raw: bool) -> list[int]:
-    """Token ids that the model continues: with raw, eos then the text (pretraining documents each
-    follow an eos, so this is "a new document starts with..."); else the chat template with the
-    assistant header appended."""
-    if raw:
-        return [tok.eos_id] + tok.encode(messages_or_text)
-    return tok.render_chat(messages_or_text, add_generation_prompt=True)[0]
-
-
-def check_fits(ids: list[int], model: Transformer, where: str) -> None:
-    ctx = model.config.block_size
-    if len(ids) >= ctx:
-        raise user_error(where, f"prompt is {len(ids)} tokens but the model's context is {ctx}",
-                         "shorten the prompt: at least one token of the context must be left for the answer")
 
 
 def stream_reply(model: Transformer, tok: Tokenizer, ids: list[int], args: argparse.Namespace,
@@ -162,11 +85,11 @@ def chat(model: Transformer, tok: Tokenizer, args: argparse.Namespace, generator
         if not line.strip():
             continue
         turn = [{"role": "user", "content": line}]
-        ids = prompt_ids(tok, system + history + turn, raw=False)
+        ids = tok.prompt_ids(system + history + turn)
         dropped = 0
         while len(ids) + room > ctx and history:
             history, dropped = history[2:], dropped + 1  # one user + assistant exchange at a time
-            ids = prompt_ids(tok, system + history + turn, raw=False)
+            ids = tok.prompt_ids(system + history + turn)
         if dropped:
             print(f"(dropped the {dropped} oldest exchange(s) to fit the context of {ctx} tokens)", file=sys.stderr)
         try:
@@ -196,7 +119,7 @@ def generate_prompts(model: Transformer, tok: Tokenizer, args: argparse.Namespac
         prompts = [(f"{args.prompt_file}:{n}", rec["prompt"]) for n, rec in read_prompts(args.prompt_file)]
     jobs = []
     for where, text in prompts:
-        ids = prompt_ids(tok, text if args.raw else system + [{"role": "user", "content": text}], args.raw)
+        ids = tok.prompt_ids(text if args.raw else system + [{"role": "user", "content": text}], args.raw)
         check_fits(ids, model, where)
         jobs.append((text, ids))
     total, t0 = 0, time.perf_counter()
@@ -229,19 +152,21 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1337, help="same seed and arguments -> same text")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto = bfloat16 on CUDA, float32 elsewhere")
+                   help="compute dtype under autocast; auto = bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--quiet", action="store_true", help="no summary line on stderr")
     args = p.parse_args()
     if args.chat and args.raw:
         p.error("--chat uses the chat template; --raw is for --prompt and --prompt_file")
     try:
         device = pick_device(args.device)
-        model, tok = load(args.model, device, pick_dtype(args.dtype, device))
+        dtype = pick_dtype(args.dtype, device)
+        model, tok = load(args.model, device)
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        if args.chat:
-            chat(model, tok, args, generator)
-        else:
-            generate_prompts(model, tok, args, generator)
+        with autocast(device, dtype):  # fp32 weights, matmuls in dtype: model.py's one policy
+            if args.chat:
+                chat(model, tok, args, generator)
+            else:
+                generate_prompts(model, tok, args, generator)
     except NanozhError as e:
         exit_on_user_error(e)
     except KeyboardInterrupt:

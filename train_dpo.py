@@ -38,17 +38,12 @@ rows followed by B prompt+rejected rows. Each micro-step holds the same number o
 loss per pair over micro-steps and ranks is the mean of their means.
 """
 
-import math
 import sys
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import trainer
@@ -128,18 +123,14 @@ def precompute_reference(reference: Transformer, data: str, split: str, block_si
     return table
 
 
-def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.Optimizer]:
-    """Train; returns the policy, the reference (None with --precompute_ref) and the optimizer, for
-    whoever wants to look at them (the tests do)."""
+def train(cfg: DPOConfig) -> None:
     if cfg.beta <= 0:
         raise user_error("command line", f"--beta={cfg.beta} must be positive", "0.1 is usual")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise user_error("command line", f"--label_smoothing={cfg.label_smoothing} is outside [0, 0.5)",
                          "it is the share of labels assumed flipped; 0 is plain DPO")
     dist = trainer.init_distributed(cfg.device)
-    dtype = trainer.resolve_dtype(cfg.dtype, dist.device)
-    ctx = trainer.autocast(dist.device, dtype)
-    tokenizer_path = trainer.check_data_tokenizer(cfg.data, cfg.init_from, "dpo")
+    tokenizer_path = trainer.data_tokenizer(cfg, "dpo")
     trainer.check_out_dir(cfg.out_dir, cfg.resume)
     model = trainer.build_model(cfg, tokenizer_path, dist.device)
     # the reference: the same start model, frozen; eval mode turns its dropout (if any) off
@@ -149,51 +140,41 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
     has_val = read_meta(cfg.data, "dpo")["splits"]["val"]["examples"] > 0
     val_loader = DPOLoader(cfg.data, "val", cfg.batch_size, cfg.seed, max_len=block_size) if has_val else None
     epochs_per_step = cfg.grad_accum * dist.world_size / loader.n_batches
-    if cfg.max_steps == 0:
-        cfg.max_steps = trainer.max_steps_for(cfg.epochs, loader.n_batches, cfg, dist)
+    cfg.max_steps = cfg.max_steps or loader.steps_for(cfg.epochs, cfg.grad_accum, dist.world_size)
+    # the policy's forward and backward, plus the reference's forward (a third of that) when it runs;
     # the optimizer holds the policy's parameters only: the reference is not a submodule of model
-    optimizer, scaler, start_step = trainer.start_run(cfg, model, dist, dtype, tokenizer_path)
-    if dist.is_main:
-        n_cut = int((loader.lengths > block_size + 1).sum())
-        print(f"{model.num_params() / 1e6:.2f}M parameters from {cfg.init_from} (policy and reference), "
-              f"{dist.world_size} rank(s) on {dist.device}, {dtype}; {len(loader.lengths):,} train pairs, "
-              f"{cfg.max_steps} steps = {cfg.max_steps * epochs_per_step:.2f} epochs")
-        if n_cut:
-            print(f"{n_cut:,} pairs are longer than block_size {block_size} and are cut there: only the answer "
-                  f"tokens that fit are scored (prepare with --max_len {block_size} to drop them instead)")
-        if not has_val:
-            print("the val split is empty: no validation metrics (prepare with a larger --val_fraction)")
+    flops = model.flops_per_token(block_size) * (1 if cfg.precompute_ref else 4 / 3)
+    run = trainer.start_run(cfg, model, dist, tokenizer_path, flops_per_token=flops)
+    n_cut = int((loader.lengths > block_size + 1).sum())
+    run.logger.print(f"policy and reference; {len(loader.lengths):,} train pairs, {cfg.max_steps} steps = "
+                     f"{cfg.max_steps * epochs_per_step:.2f} epochs")
+    if n_cut:
+        run.logger.print(f"{n_cut:,} pairs are longer than block_size {block_size} and are cut there: only the "
+                         f"answer tokens that fit are scored (prepare with --max_len {block_size} to drop them instead)")
+    if not has_val:
+        run.logger.print("the val split is empty: no validation metrics (prepare with a larger --val_fraction)")
     tables = {}
     if cfg.precompute_ref:
-        tables["train"] = precompute_reference(reference, cfg.data, "train", block_size, cfg.batch_size, ctx, dist)
+        tables["train"] = precompute_reference(reference, cfg.data, "train", block_size, cfg.batch_size, run.ctx, dist)
         if has_val:
-            tables["val"] = precompute_reference(reference, cfg.data, "val", block_size, cfg.batch_size, ctx, dist)
+            tables["val"] = precompute_reference(reference, cfg.data, "val", block_size, cfg.batch_size, run.ctx, dist)
         reference = None  # only its log-probs are needed from here on
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
-    raw_model = model  # what gets saved and evaluated: no compile/DDP wrappers
-    if cfg.compile:
-        model = torch.compile(model)
-    if dist.ddp:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-
-    logger = trainer.Logger(cfg.out_dir, dist, start_step, cfg.max_steps)
-    stop = trainer.StopFlag(verbose=dist.is_main)
-
-    def to_device(t: torch.Tensor) -> torch.Tensor:
-        if dist.device.type == "cuda":  # pinned memory lets the copy overlap with compute
-            return t.pin_memory().to(dist.device, non_blocking=True)
-        return t
 
     def get_batch(split_loader: DPOLoader, split: str, pos: int) -> tuple[torch.Tensor, ...]:
-        """(x, y, answer_mask, ref_logps) of the batch at a global position; ref_logps (2B,) comes
-        from the precomputed table, or is None: the reference will score the batch itself."""
-        x, y, mask = (to_device(t) for t in split_loader.get_batch(pos))
+        """(x, y, answer_mask, ref_logps) of the batch at a global position, on the device; ref_logps
+        (2B,) comes from the precomputed table, or is None: the reference will score the batch itself."""
+        x, y, mask = (trainer.to_device(t, dist.device) for t in split_loader.get_batch(pos))
         ref = None
         if split in tables:
             ref = tables[split][split_loader.example_ids(pos)]
             ref = torch.cat([ref[:, 0], ref[:, 1]])  # the loader's row order: all chosen, then all rejected
         return x, y, mask, ref
+
+    def get_step(step: int) -> list[tuple[torch.Tensor, ...]]:
+        return [get_batch(loader, "train", position(step, micro_step, dist.rank, dist.world_size, cfg.grad_accum))
+                for micro_step in range(cfg.grad_accum)]
 
     def reference_logps(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
         if ref is not None:
@@ -201,95 +182,50 @@ def train(cfg: DPOConfig) -> tuple[Transformer, Transformer | None, torch.optim.
         with torch.no_grad():
             return answer_logps(reference, x, y, mask)
 
-    def evaluate(step: int) -> None:
+    def evaluate() -> dict:
         """DPO loss, reward accuracy and margin on the val split's first eval_batches batches."""
-        if val_loader is None:
-            return
         sums = torch.zeros(4, dtype=torch.float64, device=dist.device)
-        raw_model.eval()
-        with torch.no_grad(), ctx:
-            for pos in range(dist.rank, min(cfg.eval_batches, val_loader.n_batches), dist.world_size):
-                x, y, mask, ref = get_batch(val_loader, "val", pos)
-                pc, pr = answer_logps(raw_model, x, y, mask).chunk(2)
-                rc, rr = reference_logps(x, y, mask, ref).chunk(2)
-                losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
-                sums += torch.stack([losses.sum(), (chosen > rejected).float().sum(), (chosen - rejected).sum(),
-                                     torch.ones_like(losses).sum()]).double()
-        raw_model.train()
+        for pos in range(dist.rank, min(cfg.eval_batches, val_loader.n_batches), dist.world_size):
+            x, y, mask, ref = get_batch(val_loader, "val", pos)
+            pc, pr = answer_logps(model, x, y, mask).chunk(2)
+            rc, rr = reference_logps(x, y, mask, ref).chunk(2)
+            losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
+            sums += torch.stack([losses.sum(), (chosen > rejected).float().sum(), (chosen - rejected).sum(),
+                                 torch.ones_like(losses).sum()]).double()
         if dist.ddp:
             torch_dist.all_reduce(sums)
         loss, acc, margin, n = sums.tolist()
-        logger.log(step, val_loss=loss / n, val_reward_acc=acc / n, val_margin=margin / n)
+        return {"val_loss": loss / n, "val_reward_acc": acc / n, "val_margin": margin / n}
 
-    def train_batch(step: int, micro_step: int) -> tuple[torch.Tensor, ...]:
-        return get_batch(loader, "train", position(step, micro_step, dist.rank, dist.world_size, cfg.grad_accum))
-
-    if start_step == 0 and cfg.eval_every:
-        evaluate(0)
-    step, stats = start_step, {}
-    train_time, timed_steps, run_time, positions, total_positions = 0.0, 0, 0.0, 0, 0  # since the last log line, in all
-    # the policy's forward and backward, plus the reference's forward (a third of that) when it runs
-    flops_per_token = raw_model.flops_per_token(block_size) * (1 if cfg.precompute_ref else 4 / 3)
-    x, y, mask, ref = train_batch(step, 0)
+    if run.start_step == 0 and has_val:
+        trainer.evaluate(run, 0, evaluate)  # the start: the policy equals the reference, loss ln 2
+    step, batches = run.start_step, get_step(run.start_step)
     while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        lr = trainer.lr_at(step, cfg)
-        trainer.set_lr(optimizer, lr)
+        lr = trainer.set_lr(run.optimizer, trainer.lr_at(step, cfg))
         sums = torch.zeros(len(STEP_STATS), device=dist.device)  # means over the step's micro-batches
-        for micro_step in range(cfg.grad_accum):
-            # gradients are all-reduced across ranks only after the last micro-step
+        positions = 0
+        for micro_step, (x, y, mask, ref) in enumerate(batches):
             last = micro_step == cfg.grad_accum - 1
-            with model.no_sync() if dist.ddp and not last else nullcontext():
-                with ctx:
+            with trainer.grad_sync(run, last):
+                with run.ctx:
                     rc, rr = reference_logps(x, y, mask, ref).chunk(2)
-                    pc, pr = answer_logps(model, x, y, mask).chunk(2)  # chosen and rejected in one forward
+                    pc, pr = answer_logps(run.model, x, y, mask).chunk(2)  # chosen and rejected in one forward
                     losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
                     loss = losses.mean() / cfg.grad_accum
-                positions += x.numel()
-                # fetch the next batch while the device works on this one
-                x, y, mask, ref = train_batch(step + last, 0 if last else micro_step + 1)
-                scaler.scale(loss).backward()
+                if last:  # fetch the next step's batches while the device works on this one
+                    next_batches = get_step(step + 1)
+                run.scaler.scale(loss).backward()
+            positions += x.numel() * dist.world_size
             sums += torch.stack([losses.mean(), (chosen > rejected).float().mean(), chosen.mean(), rejected.mean(),
                                  (chosen - rejected).mean(), pc.mean(), pr.mean()]).detach() / cfg.grad_accum
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        stats, stop_now = trainer.reduce_step(dist, stop.requested, **dict(zip(STEP_STATS, sums)), grad_norm=norm)
-        trainer.check_finite(stats["loss"], stats["grad_norm"], step + 1, cfg.out_dir, dtype)
-        scaler.step(optimizer)  # skipped by the fp16 scaler if a gradient overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        batches = next_batches
+        stats = trainer.step_tail(run, step, **dict(zip(STEP_STATS, sums)))
         step += 1
-        train_time += time.perf_counter() - t0
-        run_time += time.perf_counter() - t0
-        timed_steps += 1
-        logger.update()
-
-        if step % cfg.log_every == 0 or step == cfg.max_steps or stop_now:
-            tok_s = positions * dist.world_size / train_time
-            logger.log(step, **stats, lr=lr, tok_s=tok_s,
-                       mfu=trainer.mfu(flops_per_token, tok_s, dist), mem_gib=trainer.memory_gib(dist.device),
-                       ms=1000 * train_time / timed_steps)
-            total_positions += positions
-            train_time, timed_steps, positions = 0.0, 0, 0
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            evaluate(step)
-        if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
-            path = trainer.save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, cfg, tokenizer_path, dist)
-            logger.print(f"saved {path}")
-        if stop_now:
+        if trainer.after_step(run, step, stats, lr, positions, evaluate if has_val else None):
             break
-
-    done = step - start_step
-    summary = f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps} (raise --max_steps)"
-    if done:
-        pairs = done * cfg.batch_size * cfg.grad_accum * dist.world_size
-        summary = (f"DPO {done} steps ({pairs:,} pairs, {total_positions * dist.world_size / run_time:,.0f} "
-                   f"positions/s) to step {step} = {step * epochs_per_step:.2f} epochs of {len(loader.lengths):,} "
-                   f"pairs: loss {stats['loss']:.4f}, reward accuracy {stats['reward_acc']:.3f}, "
-                   f"model in {Path(cfg.out_dir) / 'latest'}")
-    logger.close(summary)
-    trainer.cleanup_distributed(wait=True)
-    return raw_model, reference, optimizer
+    trainer.end_run(run, step, "DPO", f" = {step * epochs_per_step:.2f} epochs of {len(loader.lengths):,} pairs: "
+                    f"loss {stats['loss']:.4f}, reward accuracy {stats['reward_acc']:.3f}"
+                    if step > run.start_step else "")
 
 
 def main() -> None:

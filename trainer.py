@@ -39,6 +39,7 @@ import resource
 import shutil
 import signal
 import sys
+import time
 import types
 import typing
 from contextlib import nullcontext
@@ -47,11 +48,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data.shards import read_meta
 from errors import NanozhError, exit_on_user_error, user_error
-from model import ModelConfig, Transformer, load_model
+from files import read_jsonl, write_text_atomic
+from model import ModelConfig, Transformer, autocast, load_model, pick_device, pick_dtype
 from tokenizer.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -80,8 +83,9 @@ class TrainConfig:
     grad_clip: float = 1.0        # max global grad norm; 0 = no clipping
     # system
     seed: int = 1337
-    device: str = "auto"          # auto (cuda if available, else cpu), cpu, cuda
-    dtype: str = "auto"           # auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32
+    device: str = "auto"          # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps
+    dtype: str = "auto"           # compute dtype under autocast: auto (bfloat16 on cuda, else float32),
+                                  # bfloat16, float16 (with a GradScaler), float32; weights stay fp32
     compile: bool = False         # torch.compile the model
     # logging and checkpoints
     log_every: int = 10
@@ -220,15 +224,9 @@ class Dist:
 
 def init_distributed(device: str) -> Dist:
     """Rank and device from the environment torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE; the same
-    on one node or many); a plain `python train_x.py` is rank 0 of 1. NCCL on CUDA, gloo on CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise user_error("command line", f"--device={device} is not a device", "use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise user_error("command line", "--device=cuda but no CUDA device is available", "use --device=cpu")
+    on one node or many); a plain `python train_x.py` is rank 0 of 1. NCCL on CUDA, gloo on CPU.
+    --device=auto picks as sample.py and eval.py do (model.pick_device: cuda, mps, cpu)."""
+    dev = pick_device(device)
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -236,6 +234,8 @@ def init_distributed(device: str) -> Dist:
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
+    if world_size > 1 and dev.type == "mps":
+        raise user_error("command line", "torchrun with several ranks on mps is not supported", "run one process")
     if world_size > 1:
         torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                       device_id=dev if dev.type == "cuda" else None)
@@ -275,22 +275,6 @@ def run(config_cls: type, train: typing.Callable, argv: list[str]) -> None:
         cleanup_distributed()
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise user_error("command line", f"--dtype={name} is not supported", "use auto, bfloat16, float16 or float32")
-    return dtypes[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision: weights and optimizer state stay fp32, matmuls run in dtype."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-
-
 def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
     """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none. A
     disabled scaler passes everything through, so the loop uses one code path for all dtypes."""
@@ -302,11 +286,10 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScale
 
 def build_model(cfg, tokenizer_path: Path, device: torch.device) -> Transformer:
     """A fresh model from cfg.model with the tokenizer's vocabulary, or the model in cfg.init_from
-    (whose tokenizer must be the data's; of cfg.model only attn_impl and dropout may differ from
-    its config). Every rank builds the same weights: the seed is shared."""
+    (data_tokenizer has checked that its tokenizer is the data's; of cfg.model only attn_impl and
+    dropout may differ from its config). Every rank builds the same weights: the seed is shared."""
     if cfg.init_from:
         loaded = load_model(cfg.init_from)
-        check_same_tokenizer(Path(cfg.init_from) / "tokenizer.model", tokenizer_path)
         asked = dataclasses.replace(loaded.config, **cfg.model)
         check_same_model(Path(cfg.init_from) / "config.json", loaded.config, asked, ignore=("attn_impl", "dropout"),
                          fix="leave out model settings other than attn_impl and dropout: they come from --init_from")
@@ -318,6 +301,32 @@ def build_model(cfg, tokenizer_path: Path, device: torch.device) -> Transformer:
         torch.manual_seed(cfg.seed)
         model = Transformer(config)
     return model.to(device)
+
+
+def data_tokenizer(cfg, kind: str) -> Path:
+    """The tokenizer.model of the shard directory cfg.data (of `kind`: pretrain, sft, dpo), after
+    checking that it is the tokenizer of the model in cfg.init_from: token ids from another
+    vocabulary would train without error into nonsense. SFT and DPO need an --init_from."""
+    if kind != "pretrain" and not cfg.init_from:
+        raise user_error("command line", "--init_from is required", f"pass the model directory to start from, "
+                         f"e.g. --init_from {'out/pretrain/latest' if kind == 'sft' else 'out/sft/latest'}")
+    if not cfg.data:
+        raise user_error("command line", "--data is required", f"a shard directory of data/prepare.py --kind {kind}")
+    read_meta(cfg.data, kind)  # a clear error for a missing directory or one of another kind
+    data_tok_path = Path(cfg.data) / "tokenizer.model"
+    if not data_tok_path.is_file():
+        raise user_error(data_tok_path, "missing", "a shard directory holds the tokenizer.model that made it")
+    if cfg.init_from:
+        model_tok_path = Path(cfg.init_from) / "tokenizer.model"
+        if not model_tok_path.is_file():
+            what = "missing" if Path(cfg.init_from).is_dir() else "no such model directory"
+            raise user_error(model_tok_path, what, "--init_from takes a model directory written by training")
+        data_tok, model_tok = Tokenizer(data_tok_path), Tokenizer(model_tok_path)
+        if data_tok.sha256 != model_tok.sha256:
+            raise user_error(data_tok_path, f"the data was tokenized with another tokenizer than the model in "
+                             f"{cfg.init_from} (vocab {data_tok.vocab_size} vs {model_tok.vocab_size})",
+                             f"prepare the data with --tokenizer {model_tok_path}")
+    return data_tok_path
 
 
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
@@ -337,9 +346,10 @@ def lr_at(step: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
+    return lr
 
 # -----------------------------------------------------------------------------
 # one small collective per step: the mean loss, and whether any rank was asked to stop
@@ -387,6 +397,146 @@ class StopFlag:
         if self.verbose:
             print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
                   "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+
+# -----------------------------------------------------------------------------
+# the parts of the loop every script shares: start, the step tail, the cadence, the end
+
+
+@dataclass
+class Run:
+    """What a training loop carries besides its own math. start_run builds it; step_tail,
+    after_step and end_run read and update it."""
+    cfg: TrainConfig
+    dist: Dist
+    dtype: torch.dtype            # the compute dtype under ctx
+    ctx: typing.ContextManager    # model.autocast(device, dtype), entered around forward passes
+    raw_model: Transformer        # what is saved and evaluated
+    model: torch.nn.Module        # what trains: raw_model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    start_step: int
+    tokenizer_path: Path
+    flops_per_token: float        # for MFU: training FLOPs per computed position
+    logger: "Logger"
+    stop: "StopFlag"
+    stop_now: bool = False        # set by step_tail when any rank was asked to stop
+    clock: float = 0.0            # when the current step started (eval and save time not counted)
+    timed: list = field(default_factory=lambda: [0, 0, 0.0])   # steps, positions, seconds since the last log line
+    totals: list = field(default_factory=lambda: [0, 0.0])     # positions, seconds in this process's run
+
+
+def start_run(cfg: TrainConfig, model: Transformer, dist: Dist, tokenizer_path: Path,
+              flops_per_token: float | None = None) -> Run:
+    """What every training run does before its loop: the compute dtype and autocast context, AdamW
+    and the GradScaler for `model`, restored from OUT_DIR's newest good checkpoint with --resume,
+    the compile/DDP wrappers, the logger and the SIGINT/SIGTERM flag. Rank 0 clears temp
+    directories a killed save left behind and prints the resolved config. flops_per_token
+    defaults to the model's at its full context (model.flops_per_token)."""
+    dtype = pick_dtype(cfg.dtype, dist.device)
+    optimizer = make_optimizer(model, cfg, dist.device)
+    scaler = grad_scaler(dist.device, dtype)
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
+    start_step = 0
+    if cfg.resume:
+        start_step, _ = resume(cfg.out_dir, model, optimizer, scaler, tokenizer_path, dist)
+    if dist.is_main:
+        remove_temp_dirs(cfg.out_dir)
+        print_config(cfg, model.config)
+        print(f"{model.num_params() / 1e6:.2f}M parameters{f' from {cfg.init_from}' if cfg.init_from else ''}, "
+              f"{dist.world_size} rank(s) on {dist.device}, {dtype}")
+    wrapped = torch.compile(model) if cfg.compile else model
+    if dist.ddp:
+        wrapped = DDP(wrapped, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    return Run(cfg, dist, dtype, autocast(dist.device, dtype), model, wrapped, optimizer, scaler, start_step,
+               tokenizer_path, flops_per_token or model.flops_per_token(model.config.block_size),
+               Logger(cfg.out_dir, dist, start_step, cfg.max_steps), StopFlag(verbose=dist.is_main),
+               clock=time.perf_counter())
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor on the device; from pinned memory on CUDA, so the copy overlaps with compute."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def grad_sync(run: Run, last_micro_step: bool):
+    """DDP all-reduces gradients at every backward; between micro-steps that is wasted traffic, so
+    it happens only at the last one."""
+    return run.model.no_sync() if run.dist.ddp and not last_micro_step else nullcontext()
+
+
+def step_tail(run: Run, step: int, **values: torch.Tensor) -> dict[str, float]:
+    """Everything between the last backward and the next step: unscale the fp16 gradients, clip,
+    average `values` (the step's loss and whatever else the script logs) over ranks together with
+    the stop flag, refuse a NaN, step the optimizer, clear the gradients. Returns the averaged
+    values and grad_norm; sets run.stop_now when any rank was asked to stop."""
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
+    params = [p for p in run.raw_model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip or math.inf)
+    stats, run.stop_now = reduce_step(run.dist, run.stop.requested, **values, grad_norm=norm)
+    try:
+        check_finite(stats["loss"], stats["grad_norm"], step + 1, run.cfg.out_dir, run.dtype)
+    except NanozhError:
+        run.logger.close("")  # the bar's last line goes before the error, which must end the output
+        raise
+    run.scaler.step(run.optimizer)  # skipped by the fp16 scaler if a gradient overflowed
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def evaluate(run: Run, step: int, evaluate_fn: typing.Callable[[], dict]) -> None:
+    """Log the metrics evaluate_fn returns, computed in eval mode (no dropout), without gradients,
+    under autocast. Every rank calls it (the scripts' evaluations all-reduce their sums)."""
+    run.raw_model.eval()
+    with torch.no_grad(), run.ctx:
+        metrics = evaluate_fn()
+    run.raw_model.train()
+    run.logger.log(step, **metrics)
+
+
+def after_step(run: Run, step: int, stats: dict[str, float], lr: float, positions: int,
+               evaluate_fn: typing.Callable[[], dict] | None, **extra) -> bool:
+    """The cadence after optimizer step number `step` (counted from 1): a log line every log_every
+    steps, an evaluation every eval_every, a checkpoint every save_every, and all three at the end
+    and when a stop was requested. positions: the positions the model computed in this step on all
+    ranks (padding included: it is what the device did), from which tokens/s and MFU are
+    computed, the same way for every script. Returns True when the loop must stop now."""
+    cfg, now = run.cfg, time.perf_counter()
+    seconds = now - run.clock
+    run.timed = [run.timed[0] + 1, run.timed[1] + positions, run.timed[2] + seconds]
+    run.totals = [run.totals[0] + positions, run.totals[1] + seconds]
+    run.logger.update()
+    last = step == cfg.max_steps or run.stop_now
+    if step % cfg.log_every == 0 or last:
+        steps, pos, secs = run.timed
+        tok_s = pos / secs
+        run.logger.log(step, **stats, lr=lr, **extra, tok_s=tok_s, mfu=mfu(run.flops_per_token, tok_s, run.dist),
+                       mem_gib=memory_gib(run.dist.device), ms=1000 * secs / steps)
+        run.timed = [0, 0, 0.0]
+    if evaluate_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        evaluate(run, step, evaluate_fn)
+    if step % cfg.save_every == 0 or last:
+        path = save_checkpoint(cfg.out_dir, step, run.raw_model, run.optimizer, run.scaler, cfg, run.tokenizer_path,
+                               run.dist)
+        run.logger.print(f"saved {path}")
+    run.clock = time.perf_counter()
+    return run.stop_now
+
+
+def end_run(run: Run, step: int, what: str, detail: str = "") -> None:
+    """The closing summary line (what was done, how fast, where the model is), then leave the
+    process group once every rank is done."""
+    done = step - run.start_step
+    summary = f"nothing to do: the checkpoint is at step {step} and max_steps is {run.cfg.max_steps} (raise --max_steps)"
+    if done:
+        positions, seconds = run.totals
+        summary = (f"{what} {done} steps to step {step} ({positions:,} positions in {seconds:.0f}s, "
+                   f"{positions / seconds:,.0f}/s){detail}, model in {Path(run.cfg.out_dir) / 'latest'}")
+    run.logger.close(summary)
+    cleanup_distributed(wait=True)
+
 
 # -----------------------------------------------------------------------------
 # checkpoints: OUT_DIR/step_NNNNNNN/ written to a temp dir, fsync'd, renamed; `latest` updated last
@@ -517,49 +667,6 @@ def check_same_model(config_path: Path, saved: ModelConfig, ours: ModelConfig, i
         raise user_error(config_path, f"the checkpoint's model differs from this run's ({', '.join(diff)})", fix)
 
 
-def check_data_tokenizer(data: str, init_from: str, kind: str) -> Path:
-    """The data's tokenizer.model, after checking that it is the tokenizer of the model in init_from:
-    token ids from another vocabulary would train without error into nonsense."""
-    if not init_from:
-        raise user_error("command line", "--init_from is required", f"pass the model directory to start from, "
-                         f"e.g. --init_from {'out/pretrain/latest' if kind == 'sft' else 'out/sft/latest'}")
-    if not data:
-        raise user_error("command line", "--data is required", f"a shard directory of data/prepare.py --kind {kind}")
-    read_meta(data, kind)  # a clear error for a missing directory or one of another kind
-    data_tok_path, model_tok_path = Path(data) / "tokenizer.model", Path(init_from) / "tokenizer.model"
-    if not model_tok_path.is_file():
-        what = "missing" if Path(init_from).is_dir() else "no such model directory"
-        raise user_error(model_tok_path, what, "--init_from takes a model directory written by training")
-    data_tok, model_tok = Tokenizer(data_tok_path), Tokenizer(model_tok_path)
-    if data_tok.sha256 != model_tok.sha256:
-        raise user_error(data_tok_path, f"the data was tokenized with another tokenizer than the model in {init_from} "
-                         f"(vocab {data_tok.vocab_size} vs {model_tok.vocab_size})",
-                         f"prepare the data with --tokenizer {model_tok_path}")
-    return data_tok_path
-
-
-def max_steps_for(epochs: float, batches_per_epoch: int, cfg: TrainConfig, dist: Dist) -> int:
-    """Optimizer steps in `epochs` passes over a split of batches_per_epoch micro-batches (SFT, DPO)."""
-    return max(1, math.ceil(epochs * batches_per_epoch / (cfg.grad_accum * dist.world_size)))
-
-
-def start_run(cfg: TrainConfig, model: Transformer, dist: Dist, dtype: torch.dtype,
-              tokenizer_path: Path) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler, int]:
-    """What every training run does before its loop: the optimizer and GradScaler for `model`,
-    restored from OUT_DIR's newest good checkpoint with --resume, and the step to start from.
-    Rank 0 clears temp directories a killed save left behind and prints the resolved config."""
-    optimizer = make_optimizer(model, cfg, dist.device)
-    scaler = grad_scaler(dist.device, dtype)
-    torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
-    start_step = 0
-    if cfg.resume:
-        start_step, _ = resume(cfg.out_dir, model, optimizer, scaler, tokenizer_path, dist)
-    if dist.is_main:
-        remove_temp_dirs(cfg.out_dir)
-        print_config(cfg, model.config)
-    return optimizer, scaler, start_step
-
-
 def check_out_dir(out_dir: str, resume: bool) -> None:
     """A fresh run into a directory of checkpoints would mix two runs (and --resume would later pick
     the wrong one's newest), so it is refused."""
@@ -649,17 +756,6 @@ def _fmt(key: str, value) -> str:
     return f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """The records of a metrics file; a line cut short by a kill is dropped."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return records
-
-
 class Logger:
     """Rank 0's log: a tqdm bar over the steps, a printed line per logged step and one JSON object
     per line in OUT_DIR/metrics.jsonl. On resume, lines past the checkpoint's step (logged by the
@@ -671,10 +767,10 @@ class Logger:
         self.path = Path(out_dir) / "metrics.jsonl"
         if self.active:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = [r for r in _read_jsonl(self.path) if 0 < start_step and r.get("step", 0) <= start_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            # a kill while a line was being appended leaves it cut short: only the last line can be
+            old = read_jsonl(self.path, skip_bad_last_line=True) if self.path.exists() and start_step else []
+            kept = [r for _, r in old if r.get("step", 0) <= start_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not self.active, unit="step",
                         dynamic_ncols=True, file=sys.stderr)
 
@@ -692,8 +788,8 @@ class Logger:
     def update(self, steps: int = 1) -> None:
         self.bar.update(steps)
 
-    def close(self, summary: str) -> None:
+    def close(self, summary: str = "") -> None:
         self.bar.close()
-        if self.active:
+        if self.active and summary:
             print(summary)
 

@@ -23,6 +23,8 @@ and the batches are then shuffled, so each batch holds examples of similar lengt
 is padding, while the order stays a pure function of (seed, position).
 """
 
+import math
+
 import numpy as np
 import torch
 
@@ -116,6 +118,10 @@ class _ExampleLoader:
         self.n_batches = max(1, len(rows) // batch_size)
         self._cache: tuple[int, np.ndarray] | None = None
         self.last_padding_fraction = 0.0
+
+    def steps_for(self, epochs: float, grad_accum: int, world_size: int) -> int:
+        """Optimizer steps that `epochs` passes over the split take (SFT's and DPO's default max_steps)."""
+        return max(1, math.ceil(epochs * self.n_batches / (grad_accum * world_size)))
 
     def example_ids(self, step: int, micro_step: int = 0, rank: int = 0, world_size: int = 1,
                     grad_accum: int = 1) -> np.ndarray:

@@ -106,10 +106,15 @@ def test_first_step_has_loss_ln2_and_zero_rewards(straight):
 # training
 
 
-def test_reference_is_frozen_and_not_in_the_optimizer(data, init_model, tmp_path):
+def test_reference_is_frozen_and_not_in_the_optimizer(data, init_model, tmp_path, monkeypatch):
+    built, runs = [], []  # the models train_dpo builds (policy, then reference) and its Run
+    build_model, start_run = trainer.build_model, trainer.start_run
+    monkeypatch.setattr(trainer, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
+    monkeypatch.setattr(trainer, "start_run", lambda *a, **k: runs.append(start_run(*a, **k)) or runs[-1])
     cfg = trainer.parse_config(train_dpo.DPOConfig, [*FLAGS, "--max_steps=3", "--eval_every=0", f"--data={data}",
                                                      f"--init_from={init_model}", f"--out_dir={tmp_path / 'run'}"])
-    policy, reference, optimizer = train_dpo.train(cfg)
+    train_dpo.train(cfg)
+    (policy, reference), optimizer = built, runs[0].optimizer
     start = load_model(init_model).state_dict()
     assert all(torch.equal(v, start[k]) for k, v in reference.state_dict().items())
     assert not any(torch.equal(v, start[k]) for k, v in policy.state_dict().items() if "norm" not in k)

@@ -121,6 +121,14 @@ class Tokenizer:
             mask += [0] * len(head)
         return ids, mask
 
+    def prompt_ids(self, prompt: list[dict] | str, raw: bool = False) -> list[int]:
+        """The ids a model continues: a conversation through the chat template, ending with the
+        assistant header; or with raw, eos then the text (pretraining documents each follow an eos,
+        so this reads as "a new document starts with...")."""
+        if raw:
+            return [self.eos_id] + self.encode(prompt)
+        return self.render_chat(prompt, add_generation_prompt=True)[0]
+
 
 class StreamDecoder:
     """Turns ids into text one at a time for streaming output. A character outside the vocabulary
