@@ -9,15 +9,49 @@
 # Every stage is one of the commands the README walks through; read them here in order. Outputs go
 # to out/quickstart (OUT=... to change): the tokenizer, the shard directories, one run directory
 # per training stage (OUT/<stage>/latest is a model directory), and times/, bpc/ for the summary.
+# One run at a time per OUT (OUT/.lock holds the PID of the run that has it); killing the script,
+# even with kill -9, stops its stages too (on Linux), and the next run continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/quickstart}
-if [ "${1:-}" = "--redo" ]; then rm -rf "$OUT"; fi
+mkdir -p "$OUT"
+
+# One run per output directory: two would train into the same run directories. The lock is a flock on
+# OUT/.lock through this script's fd 9, so it goes away with the script however it ends; the stages
+# inherit the fd, so a stage that outlives the script (see GUARD below) still keeps the next run out.
+# The file is opened read-write, not truncated: it holds the PID of the run that has the lock.
+lock() {  # flock(1) is util-linux; elsewhere (macOS) Python takes the same lock on the same fd
+    if command -v flock > /dev/null; then flock -n 9
+    else python3 -c 'import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)' 2> /dev/null; fi
+}
+exec 9<> "$OUT/.lock"
+if ! lock; then
+    pid=$(cat "$OUT/.lock")
+    echo "nanozh: $OUT: in use by another quickstart (PID $pid), or by its stages still stopping" \
+        "(let it finish or stop it with kill $pid, then run again; or run this one with OUT=another/dir)" >&2
+    exit 1
+fi
+echo $$ > "$OUT/.lock"
+if [ "${1:-}" = "--redo" ]; then find "$OUT" -mindepth 1 -maxdepth 1 ! -name .lock -exec rm -rf {} +; fi
 mkdir -p "$OUT/times" "$OUT/bpc"
 
-# a virtual environment with the pinned requirements (torch==2.13.0, CPU build unless you installed another)
+# kill -9 of this script cannot be trapped, and torchrun is not told when its parent dies: it and its
+# workers would train on, writing checkpoints into OUT beside the next run. On Linux each stage
+# therefore starts under `setpriv --pdeathsig TERM`: the kernel sends the stage SIGTERM when this
+# script dies, however it dies; torchrun passes it on to its workers, which save a checkpoint and exit
+# (and the workers get SIGTERM if torchrun itself dies: trainer._stop_when_torchrun_dies). Where
+# setpriv has no --pdeathsig (macOS, util-linux before 2.33) stages run as they are, and the lock
+# above keeps the next run out until a leftover stage has ended.
+GUARD=""
+if setpriv --pdeathsig TERM true 2> /dev/null; then GUARD="setpriv --pdeathsig TERM"; fi
+
+# a virtual environment with the pinned requirements (torch==2.13.0, CPU build unless you installed
+# another); pip runs again only when requirements.txt has changed since the last install
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -r requirements.txt
+if ! cmp -s requirements.txt .venv/quickstart-requirements.txt; then
+    .venv/bin/pip install -q -r requirements.txt
+    cp requirements.txt .venv/quickstart-requirements.txt
+fi
 PY=.venv/bin/python
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
@@ -37,22 +71,25 @@ stage() {
     fi
     echo "== $name: $*"
     local t0=$SECONDS
-    "$@"
+    $GUARD "$@"
     echo $((SECONDS - t0)) > "$OUT/times/$name"
 }
 
 # train NAME SCRIPT FLAGS...: a training stage that continues from its last checkpoint if it was killed.
+# Any step_* directory means there is one (a kill between a checkpoint's rename and the update of
+# `latest` leaves no `latest`), and a run without --resume refuses a directory of checkpoints.
 train() {
-    local name=$1 script=$2; shift 2
-    local resume=()
-    [ -e "$OUT/$name/latest" ] && resume=(--resume)
-    stage "$name" "${LAUNCH[@]}" "$script" --out_dir "$OUT/$name" "$@" "${resume[@]}"
+    local name=$1 script=$2 resume="" ckpt; shift 2
+    for ckpt in "$OUT/$name"/step_[0-9]*; do
+        if [ -d "$ckpt" ]; then resume=--resume; fi
+    done
+    stage "$name" "${LAUNCH[@]}" "$script" --out_dir "$OUT/$name" "$@" $resume
 }
 
 # held-out bits per character of a stage's model (tokenizer-independent, so stages compare fairly)
 bpc() {
     [ -f "$OUT/bpc/$1" ] && return
-    $PY eval.py --model "$OUT/$1/latest" --text data/corpus/heldout.parquet --stride 256 > "$OUT/bpc/$1.json"
+    $GUARD $PY eval.py --model "$OUT/$1/latest" --text data/corpus/heldout.parquet --stride 256 > "$OUT/bpc/$1.json"
     $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['bpc'])" "$OUT/bpc/$1.json" > "$OUT/bpc/$1"
 }
 
@@ -115,6 +152,6 @@ QUESTION="你好，你是谁？"
 echo
 echo "用户: $QUESTION"
 echo -n "nanozh: "
-$PY sample.py --model "$OUT/dpo/latest" --prompt "$QUESTION" --temperature 0.7 --top_k 20 --repetition_penalty 1.2 \
+$GUARD $PY sample.py --model "$OUT/dpo/latest" --prompt "$QUESTION" --temperature 0.7 --top_k 20 --repetition_penalty 1.2 \
     --max_new_tokens 120 --seed 0
 echo "quickstart: stages took $((SECONDS - T0))s in all (outputs in $OUT)"
