@@ -48,7 +48,6 @@ from tqdm import tqdm
 
 import trainer
 from data.loaders import DPOLoader, position
-from data.shards import read_meta
 from errors import user_error
 from model import Transformer
 
@@ -129,28 +128,19 @@ def train(cfg: DPOConfig) -> None:
     if not 0 <= cfg.label_smoothing < 0.5:
         raise user_error("command line", f"--label_smoothing={cfg.label_smoothing} is outside [0, 0.5)",
                          "it is the share of labels assumed flipped; 0 is plain DPO")
-    dist = trainer.init_distributed(cfg.device)
-    tokenizer_path = trainer.data_tokenizer(cfg, "dpo")
-    trainer.check_out_dir(cfg.out_dir, cfg.resume)
-    model = trainer.build_model(cfg, tokenizer_path, dist.device)
+    dist, tokenizer_path, model = trainer.setup(cfg, "dpo")
     # the reference: the same start model, frozen; eval mode turns its dropout (if any) off
     reference = trainer.build_model(cfg, tokenizer_path, dist.device).eval().requires_grad_(False)
     block_size = model.config.block_size
-    loader = DPOLoader(cfg.data, "train", cfg.batch_size, cfg.seed, max_len=block_size)
-    has_val = read_meta(cfg.data, "dpo")["splits"]["val"]["examples"] > 0
-    val_loader = DPOLoader(cfg.data, "val", cfg.batch_size, cfg.seed, max_len=block_size) if has_val else None
-    epochs_per_step = cfg.grad_accum * dist.world_size / loader.n_batches
+    loader, val_loader = DPOLoader.splits(cfg.data, cfg.batch_size, cfg.seed, max_len=block_size)
+    has_val = val_loader is not None
     cfg.max_steps = cfg.max_steps or loader.steps_for(cfg.epochs, cfg.grad_accum, dist.world_size)
     # the policy's forward and backward, plus the reference's forward (a third of that) when it runs;
     # the optimizer holds the policy's parameters only: the reference is not a submodule of model
     flops = model.flops_per_token(block_size) * (1 if cfg.precompute_ref else 4 / 3)
     run = trainer.start_run(cfg, model, dist, tokenizer_path, flops_per_token=flops)
-    n_cut = int((loader.lengths > block_size + 1).sum())
-    run.logger.print(f"policy and reference; {len(loader.lengths):,} train pairs, {cfg.max_steps} steps = "
-                     f"{cfg.max_steps * epochs_per_step:.2f} epochs")
-    if n_cut:
-        run.logger.print(f"{n_cut:,} pairs are longer than block_size {block_size} and are cut there: only the "
-                         f"answer tokens that fit are scored (prepare with --max_len {block_size} to drop them instead)")
+    for line in loader.describe(cfg.max_steps, cfg.grad_accum, dist.world_size):
+        run.logger.print(line)
     if not has_val:
         run.logger.print("the val split is empty: no validation metrics (prepare with a larger --val_fraction)")
     tables = {}
@@ -223,7 +213,7 @@ def train(cfg: DPOConfig) -> None:
         step += 1
         if trainer.after_step(run, step, stats, lr, positions, evaluate if has_val else None):
             break
-    trainer.end_run(run, step, "DPO", f" = {step * epochs_per_step:.2f} epochs of {len(loader.lengths):,} pairs: "
+    trainer.end_run(run, step, "DPO", f" = {loader.epochs_at(step, cfg.grad_accum, dist.world_size):.2f} epochs of {len(loader.lengths):,} pairs: "
                     f"loss {stats['loss']:.4f}, reward accuracy {stats['reward_acc']:.3f}"
                     if step > run.start_step else "")
 

@@ -49,10 +49,7 @@ def validation_loss(model: torch.nn.Module, tokens: torch.Tensor, block_size: in
 
 
 def train(cfg: PretrainConfig) -> None:
-    dist = trainer.init_distributed(cfg.device)
-    tokenizer_path = trainer.data_tokenizer(cfg, "pretrain")
-    trainer.check_out_dir(cfg.out_dir, cfg.resume)
-    model = trainer.build_model(cfg, tokenizer_path, dist.device)
+    dist, tokenizer_path, model = trainer.setup(cfg, "pretrain")
     block_size = model.config.block_size
     loader = PretrainLoader(cfg.data, "train", block_size, cfg.batch_size, cfg.seed)
     val_tokens = PretrainLoader(cfg.data, "val", block_size, cfg.batch_size, cfg.seed).val_tokens(cfg.eval_tokens)

@@ -40,7 +40,6 @@ import torch.distributed as torch_dist
 
 import trainer
 from data.loaders import SFTLoader
-from data.shards import read_meta
 
 
 @dataclass
@@ -74,25 +73,14 @@ def validation_loss(model: torch.nn.Module, loader: SFTLoader, n_batches: int, d
 
 
 def train(cfg: SFTConfig) -> None:
-    dist = trainer.init_distributed(cfg.device)
-    tokenizer_path = trainer.data_tokenizer(cfg, "sft")
-    trainer.check_out_dir(cfg.out_dir, cfg.resume)
-    model = trainer.build_model(cfg, tokenizer_path, dist.device)
-    block_size = model.config.block_size
-    loader = SFTLoader(cfg.data, "train", cfg.batch_size, cfg.seed, max_len=block_size)
-    has_val = read_meta(cfg.data, "sft")["splits"]["val"]["examples"] > 0
-    val_loader = SFTLoader(cfg.data, "val", cfg.batch_size, cfg.seed, max_len=block_size) if has_val else None
-    epochs_per_step = cfg.grad_accum * dist.world_size / loader.n_batches
+    dist, tokenizer_path, model = trainer.setup(cfg, "sft")
+    loader, val_loader = SFTLoader.splits(cfg.data, cfg.batch_size, cfg.seed, max_len=model.config.block_size)
     cfg.max_steps = cfg.max_steps or loader.steps_for(cfg.epochs, cfg.grad_accum, dist.world_size)
     # MFU counts the FLOPs of a position at the full context: an upper bound, most rows are shorter
     run = trainer.start_run(cfg, model, dist, tokenizer_path)
-    n_cut = int((loader.lengths > block_size + 1).sum())
-    run.logger.print(f"{len(loader.lengths):,} train conversations, {cfg.max_steps} steps = "
-                     f"{cfg.max_steps * epochs_per_step:.2f} epochs")
-    if n_cut:
-        run.logger.print(f"{n_cut:,} conversations are longer than block_size {block_size} and are cut there; what "
-                         f"is cut carries no loss (prepare with --max_len {block_size} to cut at a turn boundary)")
-    if not has_val:
+    for line in loader.describe(cfg.max_steps, cfg.grad_accum, dist.world_size):
+        run.logger.print(line)
+    if val_loader is None:
         run.logger.print("the val split is empty: no validation loss (prepare with a larger --val_fraction)")
 
     def get_step(step: int) -> tuple[list, torch.Tensor]:
@@ -113,7 +101,7 @@ def train(cfg: SFTConfig) -> None:
         n_batches = min(cfg.eval_batches, val_loader.n_batches)
         return {"val_loss": validation_loss(model, val_loader, n_batches, dist)}
 
-    if run.start_step == 0 and has_val:
+    if run.start_step == 0 and val_loader is not None:
         trainer.evaluate(run, 0, evaluate)  # the pretrained model: where the curves start
     step, (batches, counts) = run.start_step, get_step(run.start_step)
     while step < cfg.max_steps:
@@ -137,10 +125,10 @@ def train(cfg: SFTConfig) -> None:
         step += 1
         n_loss, positions, padding = counts.tolist()
         batches, counts = next_batches, next_counts
-        if trainer.after_step(run, step, stats, lr, int(positions), evaluate if has_val else None,
+        if trainer.after_step(run, step, stats, lr, int(positions), evaluate if val_loader is not None else None,
                               pad=padding / positions, loss_tokens=int(n_loss)):
             break
-    trainer.end_run(run, step, "fine-tuned", f" = {step * epochs_per_step:.2f} epochs of {len(loader.lengths):,} "
+    trainer.end_run(run, step, "fine-tuned", f" = {loader.epochs_at(step, cfg.grad_accum, dist.world_size):.2f} epochs of {len(loader.lengths):,} "
                     f"conversations: loss {stats['loss']:.4f}" if step > run.start_step else "")
 
 

@@ -284,6 +284,15 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScale
 # model, optimizer, learning rate
 
 
+def setup(cfg, kind: str) -> tuple[Dist, Path, Transformer]:
+    """The start of every train(cfg): distributed init, the data's tokenizer (checked against
+    --init_from's), a refusal to mix a fresh run into an old out_dir, and the model on the device."""
+    dist = init_distributed(cfg.device)
+    tokenizer_path = data_tokenizer(cfg, kind)
+    check_out_dir(cfg.out_dir, cfg.resume)
+    return dist, tokenizer_path, build_model(cfg, tokenizer_path, dist.device)
+
+
 def build_model(cfg, tokenizer_path: Path, device: torch.device) -> Transformer:
     """A fresh model from cfg.model with the tokenizer's vocabulary, or the model in cfg.init_from
     (data_tokenizer has checked that its tokenizer is the data's; of cfg.model only attn_impl and

@@ -104,6 +104,25 @@ class _ExampleLoader:
     (shard, row) with its length, and the epoch-by-epoch batch order over it."""
 
     kind = ""
+    what = ""      # what one example is called in the log
+    cut_note = ""  # what happens to an example longer than max_len
+
+    @classmethod
+    def splits(cls, shard_dir: str, batch_size: int, seed: int, max_len: int) -> tuple["_ExampleLoader", "_ExampleLoader | None"]:
+        """The train loader and the val loader of a shard directory (None when the val split is empty)."""
+        has_val = read_meta(shard_dir, cls.kind)["splits"]["val"]["examples"] > 0
+        val = cls(shard_dir, "val", batch_size, seed, max_len) if has_val else None
+        return cls(shard_dir, "train", batch_size, seed, max_len), val
+
+    def describe(self, max_steps: int, grad_accum: int, world_size: int) -> list[str]:
+        """Lines for the training log: the split's size, the epochs max_steps makes, the cut examples."""
+        epochs = self.epochs_at(max_steps, grad_accum, world_size)
+        lines = [f"{len(self.lengths):,} train {self.what}, {max_steps} steps = {epochs:.2f} epochs"]
+        n_cut = int((self.lengths > self.max_len + 1).sum())
+        if n_cut:
+            lines.append(f"{n_cut:,} {self.what} are longer than block_size {self.max_len} and are cut there: "
+                         f"{self.cut_note} (prepare with --max_len {self.max_len} to avoid it)")
+        return lines
 
     def __init__(self, shard_dir: str, split: str, batch_size: int, seed: int, max_len: int):
         self.batch_size, self.seed, self.max_len = batch_size, seed, max_len
@@ -118,6 +137,10 @@ class _ExampleLoader:
         self.n_batches = max(1, len(rows) // batch_size)
         self._cache: tuple[int, np.ndarray] | None = None
         self.last_padding_fraction = 0.0
+
+    def epochs_at(self, step: int, grad_accum: int, world_size: int) -> float:
+        """Passes over the split that `step` optimizer steps make."""
+        return step * grad_accum * world_size / self.n_batches
 
     def steps_for(self, epochs: float, grad_accum: int, world_size: int) -> int:
         """Optimizer steps that `epochs` passes over the split take (SFT's and DPO's default max_steps)."""
@@ -141,7 +164,8 @@ class SFTLoader(_ExampleLoader):
     are cut). Position t of x predicts token t+1, so y[t] carries loss iff token t+1 is an
     assistant token (its content or its <|im_end|>); y = -1 everywhere else and on padding."""
 
-    kind = "sft"
+    kind, what = "sft", "conversations"
+    cut_note = "what is cut carries no loss (prepare cuts at a turn boundary instead)"
 
     def _lengths(self, shard: Shard) -> np.ndarray:
         return np.diff(shard.offsets)
@@ -170,7 +194,8 @@ class DPOLoader(_ExampleLoader):
     answer token (the answer and its <|im_end|>), so a sequence's summed response log-prob is
     (logp(y) * answer_mask).sum(-1)."""
 
-    kind = "dpo"
+    kind, what = "dpo", "pairs"
+    cut_note = "only the answer tokens that fit are scored (prepare drops such pairs instead)"
 
     def _lengths(self, shard: Shard) -> np.ndarray:
         return shard.index[:, 1] + np.maximum(shard.index[:, 2], shard.index[:, 3])
