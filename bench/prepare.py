@@ -158,12 +158,13 @@ def _cpu_seconds(pid: int) -> float:
 def run_prepare(paths: list[str], tokenizer: str, out: Path, workers: int) -> dict:
     """Run prepare.py, sampling its tree's memory and its main process's CPU time; returns wall
     time, CPU, peaks and its meta.json."""
-    cmd = [sys.executable, str(ROOT / "data" / "prepare.py"), "--kind", "pretrain", "--input", *paths,
-           "--tokenizer", tokenizer, "--out", str(out), "--workers", str(workers)]
+    # run as a module from the repository root (as the README does), with paths made absolute for that
+    cmd = [sys.executable, "-m", "data.prepare", "--kind", "pretrain", "--input", *map(os.path.abspath, paths),
+           "--tokenizer", os.path.abspath(tokenizer), "--out", os.path.abspath(out), "--workers", str(workers)]
     peak, main_cpu = [0, 0], [0.0]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
     def sample() -> None:
         while proc.poll() is None:
