@@ -95,7 +95,7 @@ bpc() {
 
 # 1. a small tokenizer for the tiny demo model: at 16k pieces (the shipped tokenizer) the output
 #    layer would be most of a 3M-parameter model's compute; 8k halves it.
-stage tokenizer $PY tokenizer/train_tokenizer.py --input data/corpus/pretrain --vocab_size 8000 \
+stage tokenizer $PY -m data.train_tokenizer --input data/corpus/pretrain --vocab_size 8000 \
     --input_sentence_size 300000 --out "$OUT/tokenizer"
 
 # 2. cleaned, deduplicated token shards (train + validation split) for each stage
@@ -103,7 +103,7 @@ for kind in pretrain sft dpo; do
     case $kind in pretrain) input=data/corpus/pretrain ;; sft) input=data/corpus/sft.jsonl.gz ;; dpo) input=data/corpus/dpo.jsonl.gz ;; esac
     # 5% of the DPO pairs are held out (1% would be only ~10 pairs, too few to read a reward accuracy from)
     val=0.01; [ $kind = dpo ] && val=0.05
-    stage "data_$kind" $PY data/prepare.py --kind $kind --input $input --tokenizer "$OUT/tokenizer/tokenizer.model" \
+    stage "data_$kind" $PY -m data.prepare --kind $kind --input $input --tokenizer "$OUT/tokenizer/tokenizer.model" \
         --out "$OUT/data/$kind" --max_len 256 --val_fraction $val
 done
 

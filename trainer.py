@@ -1,23 +1,22 @@
-"""What the three training scripts share, and only that. Each train_*.py keeps its own loop in view
-and calls these plain functions around it, in about this order:
+"""What every training script shares, and only that. Each train_*.py keeps its own loop in view
+and calls these plain functions around it:
 
-    run(PretrainConfig, train, sys.argv[1:])          # main(): train(parse_config(...)), user errors, cleanup
-    cfg = parse_config(PretrainConfig, sys.argv[1:])   # dataclass defaults <- --config FILE <- --key=value
-    then in train(cfg):
-    dist = init_distributed(cfg.device)                # torchrun env: rank, world size, device; NCCL/gloo
-    dtype = resolve_dtype(cfg.dtype, dist.device)      # bf16 autocast, fp16 + GradScaler, or fp32
-    ctx = autocast(dist.device, dtype)
-    check_out_dir(cfg.out_dir, cfg.resume)             # a fresh run never mixes into an old one
-    model = build_model(cfg, tokenizer_path, dist.device)   # random init, or --init_from DIR
-    optimizer, scaler, step = start_run(cfg, model, dist, dtype, tokenizer_path)  # AdamW, scaler, --resume
-    logger, stop = Logger(...), StopFlag(...)          # tqdm + log lines + metrics.jsonl; SIGINT/SIGTERM
-    loop:  set_lr(optimizer, lr_at(step, cfg))         # linear warmup, cosine decay to min_lr
-           ... micro-steps, clip ...
-           stats, stop_now = reduce_step(dist, stop.requested, loss=loss_sum, grad_norm=norm)
-           check_finite(stats["loss"], stats["grad_norm"], step, cfg.out_dir, dtype)
-           ... optimizer step ...
-           logger.log(step, **stats, lr=lr, tok_s=..., mfu=mfu(...), mem_gib=memory_gib(...))
-           save_checkpoint(cfg.out_dir, step, model, optimizer, scaler, cfg, tokenizer_path, dist)
+    run(PretrainConfig, train, sys.argv[1:])         # main(): train(parse_config(...)), user errors, cleanup
+    cfg = parse_config(PretrainConfig, argv)          # dataclass defaults <- --config FILE <- --key=value
+    in train(cfg):
+    dist, tokenizer_path, model = setup(cfg, "pretrain")  # torchrun env, data's tokenizer, out_dir, model
+    run = start_run(cfg, model, dist, tokenizer_path)     # dtype + autocast, AdamW, GradScaler, --resume,
+                                                          # compile/DDP, logger, SIGINT/SIGTERM flag
+    evaluate(run, 0, evaluate_fn)                     # step 0 of the curves (a fresh run)
+    while step < cfg.max_steps:
+        lr = set_lr(run.optimizer, lr_at(step, cfg))  # linear warmup, cosine decay to min_lr
+        for each micro-step:                          # the script's own forward and backward
+            with grad_sync(run, last), run.ctx: ...
+        stats = step_tail(run, step, loss=...)        # unscale, clip, all-reduce, NaN check, optimizer step
+        step += 1
+        if after_step(run, step, stats, lr, positions, evaluate_fn):  # log / eval / save cadence
+            break                                     # a rank was asked to stop: saved, exit 0
+    end_run(run, step, "pretrained", detail)          # summary line; leave the process group
 
 A checkpoint is a model directory (model.safetensors + config.json, what sample.py and eval.py
 load) plus tokenizer.model, train_config.json and train_state.pt (optimizer, GradScaler, step, RNG
@@ -320,7 +319,7 @@ def data_tokenizer(cfg, kind: str) -> Path:
         raise user_error("command line", "--init_from is required", f"pass the model directory to start from, "
                          f"e.g. --init_from {'out/pretrain/latest' if kind == 'sft' else 'out/sft/latest'}")
     if not cfg.data:
-        raise user_error("command line", "--data is required", f"a shard directory of data/prepare.py --kind {kind}")
+        raise user_error("command line", "--data is required", f"a shard directory of python -m data.prepare --kind {kind}")
     read_meta(cfg.data, kind)  # a clear error for a missing directory or one of another kind
     data_tok_path = Path(cfg.data) / "tokenizer.model"
     if not data_tok_path.is_file():
@@ -601,13 +600,19 @@ def save_checkpoint(out_dir: str, step: int, model: Transformer, optimizer: torc
     if final.exists():  # left by a run that went past this step, then was resumed from an earlier one
         _remove(final)
     tmp.rename(final)
-    link = out / ".latest.tmp"
-    link.unlink(missing_ok=True)
-    link.symlink_to(final.name)  # relative, so the run directory can be moved or copied
-    os.replace(link, out / "latest")
-    _fsync(out)
+    _point_latest(final)
     _prune(out, step, cfg.keep_last)
     return final
+
+
+def _point_latest(ckpt: Path) -> None:
+    """Make OUT_DIR/latest a relative symlink to ckpt (so the run directory can be moved or copied),
+    replacing the old link in one rename."""
+    link = ckpt.parent / ".latest.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(ckpt.name)
+    os.replace(link, ckpt.parent / "latest")
+    _fsync(ckpt.parent)
 
 
 def _prune(out: Path, step: int, keep_last: int) -> None:
@@ -717,6 +722,11 @@ def resume(out_dir: str, model: Transformer, optimizer: torch.optim.Optimizer, s
               "random streams (dropout) restart from the seed", file=sys.stderr)
     if dist.is_main:
         print(f"resumed from {ckpt} (step {state['step']})")
+        latest = Path(out_dir) / "latest"
+        if not latest.is_symlink() or os.readlink(latest) != ckpt.name:
+            # killed between a checkpoint's rename and the link update, or the newest was unreadable:
+            # a run with nothing left to do must still leave `latest` at the model it resumed
+            _point_latest(ckpt)
     return state["step"], state["extra"]
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Throughput of the fused Triton attention kernel against PyTorch SDPA and the naive path (GPU only).
 
-    python bench/attention.py                                  # causal bf16, B*H = 8*16, D 64 and 128, T 512..8192
-    python bench/attention.py --dims 128 --seqlens 2048,4096 --batch 4 --heads 32 --impls triton,sdpa
+    python -m bench.attention                                  # causal bf16, B*H = 8*16, D 64 and 128, T 512..8192
+    python -m bench.attention --dims 128 --seqlens 2048,4096 --batch 4 --heads 32 --impls triton,sdpa
 
 Reports TFLOP/s of the forward, the backward and both, and the peak memory of forward + backward
 above the inputs, then the ratio triton / sdpa. "sdpa" is F.scaled_dot_product_attention under
@@ -16,7 +16,6 @@ S and dP to avoid atomics) is not credited.
 """
 
 import argparse
-import os
 import sys
 
 import torch
@@ -25,9 +24,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from attention import flash_attention, naive_attention  # noqa: E402
+from attention import flash_attention, naive_attention
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +96,7 @@ def sdpa_backends(causal: bool):
 def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
-        print("bench/attention.py measures GPU kernels and found no CUDA device; nothing to do")
+        print("bench.attention measures GPU kernels and found no CUDA device; nothing to do")
         return
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     causal = not args.non_causal

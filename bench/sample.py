@@ -1,9 +1,9 @@
 """Generation speed of the model presets: prefill tokens/s and decode tokens/s with and without the
 KV cache (randomly initialised weights: speed does not depend on what was learned).
 
-    python bench/sample.py                                   # tiny and 26m on the CPU
-    python bench/sample.py --presets tiny,26m,100m --device cuda --dtype bfloat16
-    nice python bench/sample.py --threads 1                  # steadier on a shared, busy CPU
+    python -m bench.sample                                   # tiny and 26m on the CPU
+    python -m bench.sample --presets tiny,26m,100m --device cuda --dtype bfloat16
+    nice python -m bench.sample --threads 1                  # steadier on a shared, busy CPU
 
 Decode is greedy, batch 1, from a --prompt_len prompt to --new_tokens new tokens. Without the cache
 every step re-runs the whole sequence, so its cost grows with the square of the length; with it
@@ -20,9 +20,8 @@ import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from model import KVCache, ModelConfig, Transformer  # noqa: E402
+from model import KVCache, ModelConfig, Transformer
 
 
 def sync(device: torch.device) -> None:

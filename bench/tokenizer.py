@@ -4,8 +4,8 @@ characters per token on that slice and on SFT conversations (a second domain the
 saw), the share of byte-fallback tokens, encode speed, and what share of each model preset's
 parameters the (tied) embedding takes.
 
-    python bench/tokenizer.py --pretrain ../shared/data/pretrain --sft ../shared/data/sft
-    python bench/tokenizer.py --pretrain data/corpus --sft data/corpus/sft.jsonl.gz --vocab_sizes 8000,16000
+    python -m bench.tokenizer --pretrain ../shared/data/pretrain --sft ../shared/data/sft
+    python -m bench.tokenizer --pretrain data/corpus --sft data/corpus/sft.jsonl.gz --vocab_sizes 8000,16000
 """
 
 import argparse
@@ -17,7 +17,6 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)
 
 import torch
 
@@ -25,7 +24,7 @@ from data.sources import iter_pretrain, iter_sft
 from errors import NanozhError, exit_on_user_error
 from model import ModelConfig, Transformer
 from tokenizer.tokenizer import Tokenizer
-from tokenizer.train_tokenizer import train, write_tokenizer
+from data.train_tokenizer import train, write_tokenizer
 
 
 def held_out(text: str, percent: float) -> bool:

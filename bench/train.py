@@ -3,9 +3,9 @@ own loop, per attention implementation and with or without torch.compile, next t
 same model and batch: forward, backward, AdamW step, nothing else: no loader, clipping, per-step
 sync, progress bar or logging), so that what the trainer adds shows as its overhead.
 
-    python bench/train.py                                           # tiny preset on the CPU
-    nice python bench/train.py --threads 1 --steps 30 --repeats 3   # steadier on a shared, busy CPU
-    python bench/train.py --presets 26m,100m --attn triton,sdpa --compile 0,1 --batch_size 16   # a GPU
+    python -m bench.train                                           # tiny preset on the CPU
+    nice python -m bench.train --threads 1 --steps 30 --repeats 3   # steadier on a shared, busy CPU
+    python -m bench.train --presets 26m,100m --attn triton,sdpa --compile 0,1 --batch_size 16   # a GPU
 
 Each measurement runs in its own process (peak memory and compile caches are per variant) on
 random tokens (speed does not depend on the text) and times each of --steps steps after --warmup
@@ -30,12 +30,11 @@ import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import trainer  # noqa: E402
-from data.shards import SplitWriter, write_meta  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
-from train_pretrain import PretrainConfig, train  # noqa: E402
+import trainer
+from data.shards import SplitWriter, write_meta
+from model import ModelConfig, Transformer, autocast, pick_dtype
+from train_pretrain import PretrainConfig, train
 
 VOCAB = 16000  # the shipped tokenizer's
 
@@ -80,7 +79,7 @@ def bare_loop(spec: dict, config: ModelConfig, device: torch.device, dtype: torc
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if spec["compile"] else model
     x, y = (torch.randint(6, VOCAB, (spec["batch_size"], config.block_size), device=device) for _ in range(2))
-    ctx = trainer.autocast(device, dtype)
+    ctx = autocast(device, dtype)
     stamps = []
     for i in range(spec["warmup"] + spec["steps"]):
         if i == spec["warmup"]:
@@ -109,7 +108,7 @@ def child(spec: dict) -> dict:
     config = ModelConfig.from_dict(model_settings)
     model_flags = [f"--model.{k}={v}" for k, v in model_settings.items() if k != "vocab_size"]
     dist = trainer.init_distributed(spec["device"])
-    dtype = trainer.resolve_dtype(spec["dtype"], dist.device)
+    dtype = pick_dtype(spec["dtype"], dist.device)
     step_times = (trainer_loop(spec, model_flags) if spec["loop"] == "trainer"
                   else bare_loop(spec, config, dist.device, dtype))
     tok_s = spec["batch_size"] * config.block_size / float(np.median(step_times))
@@ -121,8 +120,8 @@ def child(spec: dict) -> dict:
 
 def measure(spec: dict) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
-        cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--result", result.name]
-        run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cmd = [sys.executable, "-m", "bench.train", "--child", json.dumps(spec), "--result", result.name]
+        run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         if run.returncode != 0:
             return {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"}
         return json.loads(Path(result.name).read_text())
@@ -162,7 +161,7 @@ def main() -> None:
                 "warmup": args.warmup, "device": args.device, "dtype": args.dtype, "threads": args.threads}
         rows = []
         runs = [(v, loop) for v in variants for loop in args.loops.split(",")] * args.repeats
-        for (preset, attn, compile_), loop in tqdm(runs, desc="bench/train", file=sys.stderr):
+        for (preset, attn, compile_), loop in tqdm(runs, desc="bench.train", file=sys.stderr):
             spec = {**base, "preset": preset, "attn": attn, "compile": compile_, "loop": loop}
             rows.append(((preset, attn, compile_, loop), measure(spec)))
 
@@ -185,7 +184,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"\n{device} ({name}), torch {torch.__version__}; median of {args.steps} steps after {args.warmup}, "
           f"best of {args.repeats}; peak mem = max CUDA allocated, or the process's max RSS on the CPU")
-    print("command: python bench/train.py " + " ".join(sys.argv[1:]))
+    print("command: python -m bench.train " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Turn raw text into token shards: read -> clean -> deduplicate -> tokenize -> split -> write.
 
-    python data/prepare.py --kind pretrain --input data/corpus/pretrain --tokenizer tokenizer/tokenizer.model --out out/data/pretrain
-    python data/prepare.py --kind sft --input data/corpus/sft.jsonl.gz --tokenizer tokenizer/tokenizer.model --out out/data/sft
-    python data/prepare.py --kind dpo --input data/corpus/dpo.jsonl.gz --tokenizer tokenizer/tokenizer.model --out out/data/dpo
+    python -m data.prepare --kind pretrain --input data/corpus/pretrain --tokenizer tokenizer/tokenizer.model --out out/data/pretrain
+    python -m data.prepare --kind sft --input data/corpus/sft.jsonl.gz --tokenizer tokenizer/tokenizer.model --out out/data/sft
+    python -m data.prepare --kind dpo --input data/corpus/dpo.jsonl.gz --tokenizer tokenizer/tokenizer.model --out out/data/dpo
 
 Inputs are files or directories of .txt/.jsonl/.json/.parquet (see data/sources.py for the fields
 read). The main process reads the input as blocks of raw lines or Arrow batches (~1 MB each) and
@@ -46,7 +46,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Iterable, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+if not __package__:  # run by its path: Python put data/ on sys.path, not the root the imports below need
+    sys.exit("nanozh: run it from the repository root as: python -m data.prepare ...")
 # Arrow's C++ code, the Parquet reader among it, allocates from mimalloc unless told otherwise
 # before pyarrow loads (pa.set_memory_pool reaches only its Python functions). mimalloc keeps
 # freed memory in a reserve of its own beside malloc's heap, which numpy cannot reuse: measured,

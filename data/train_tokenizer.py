@@ -1,7 +1,12 @@
 """Train nanozh's sentencepiece BPE tokenizer on pretraining text.
 
-    python tokenizer/train_tokenizer.py --input data/corpus/pretrain --vocab_size 16000 --out tokenizer
-    python tokenizer/train_tokenizer.py --input /path/to/full/pretrain --vocab_size 16000 --out tokenizer
+    python -m data.train_tokenizer --input data/corpus/pretrain --vocab_size 16000 --out tokenizer
+    python -m data.train_tokenizer --input /path/to/full/pretrain --vocab_size 16000 --out tokenizer
+
+Run from the repository root (the project's modules import each other as packages, so `python -m`,
+not a path). It lives in data/ beside the other readers of corpora: tokenizer/ is the tokenizer
+itself (encode, decode, the chat template) and imports nothing from data/, so the dependencies go
+one way only.
 
 --input takes files or directories in any format data/sources.py reads (.txt, .jsonl, .json,
 .parquet). Writes OUT/tokenizer.model and OUT/tokenizer.vocab (one "piece<TAB>score" per line, for
@@ -11,7 +16,7 @@ The shipped tokenizer/tokenizer.model is 16,000 pieces, trained by the second co
 full pretraining collection that the bundled corpus in data/ was drawn from (not part of the
 repository; its sources are listed in data/SOURCES.md: 67,129 documents, 889,832 paragraphs, all
 of them used).
-The size was chosen by measurement (bench/tokenizer.py, 2% of documents held out):
+The size was chosen by measurement (python -m bench.tokenizer, 2% of documents held out):
 
     vocab   chars/token pretrain   chars/token SFT   embedding share of the 26m / 100m preset
     8000    1.260                  1.170             14% / 7%
@@ -52,11 +57,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-# Run as a script, Python puts tokenizer/ first on sys.path, where "tokenizer" would name
-# tokenizer.py instead of the package; the repository root is what we want there.
-ROOT = Path(__file__).resolve().parent.parent
-if sys.path[0] == str(Path(__file__).resolve().parent):
-    sys.path[0] = str(ROOT)
+if not __package__:  # run by its path: Python put data/ on sys.path, not the root the imports below need
+    sys.exit("nanozh: run it from the repository root as: python -m data.train_tokenizer ...")
 
 import sentencepiece as spm
 from tqdm import tqdm

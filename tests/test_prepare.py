@@ -40,9 +40,9 @@ def run_prepare(capsys, kind, inputs, out, *flags):
 
 
 def run_cli(kind, inputs, out, *flags):
-    cmd = [sys.executable, str(ROOT / "data" / "prepare.py"), "--kind", kind, "--input", *inputs,
+    cmd = [sys.executable, "-m", "data.prepare", "--kind", kind, "--input", *inputs,
            "--tokenizer", TOKENIZER, "--out", str(out), *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def split_docs(shard_dir, split, tok):
@@ -183,10 +183,10 @@ def _alive(pid: int) -> bool:
 
 def test_workers_exit_when_the_main_process_is_killed(tmp_path):
     # they used to wait forever for their next task: each held a copy of its task pipe's write end
-    cmd = [sys.executable, str(ROOT / "data" / "prepare.py"), "--kind", "pretrain", "--input",
+    cmd = [sys.executable, "-m", "data.prepare", "--kind", "pretrain", "--input",
            *[str(ROOT / "data" / "corpus" / "pretrain")] * 5, "--tokenizer", TOKENIZER,
            "--out", str(tmp_path / "out"), "--workers", "2"]
-    main_process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    main_process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     workers = []
     try:
         deadline = time.time() + 60

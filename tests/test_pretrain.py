@@ -8,6 +8,7 @@ Every run trains a 2-layer, 32-wide model on shards prepared once from a slice o
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import train_pretrain
 import trainer
@@ -100,6 +102,27 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.02)
 
 
+def assert_same_state(a, b, where: str = "") -> None:
+    """Two checkpoints' weights and train states (optimizer moments, scaler, step, RNG) are equal bit
+    for bit; `a`, `b` are checkpoint directories, or parts of their states when it recurses."""
+    if isinstance(a, Path):
+        for name in ("model.safetensors", "train_state.pt"):
+            load = load_file if name.endswith("safetensors") else lambda p: torch.load(p, weights_only=True)
+            assert_same_state(load(a / name), load(b / name), f"{a.name}/{name}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def copy_checkpoint(run: Path, step: int, out_dir: Path) -> Path:
     """A fresh out_dir holding only run's checkpoint at `step`: a run that stopped there."""
     out_dir.mkdir()
@@ -137,14 +160,25 @@ def test_run_writes_checkpoints_metrics_and_latest_model_dir(straight):
     assert load_model(straight / "latest").config.n_layer == 2
 
 
-def test_torchrun_two_ranks_match_one_rank_with_two_micro_steps(shards, straight, tmp_path):
-    cmd = command(shards, tmp_path / "ddp", "--grad_accum=1")
-    cmd[:1] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=THREADS)
+def torchrun(cmd: list[str]) -> list[str]:
+    """The same training command under torchrun with 2 CPU ranks (gloo)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd[1:]]
+
+
+@pytest.fixture(scope="module")
+def ddp_straight(shards, tmp_path_factory) -> Path:
+    """The straight run on 2 torchrun ranks with 1 micro-step each (the same global batch)."""
+    out_dir = tmp_path_factory.mktemp("ddp") / "run"
+    result = subprocess.run(torchrun(command(shards, out_dir, "--grad_accum=1")), capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env=THREADS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 1 | loss") == 1  # only rank 0 logs
-    assert len([m for m in metrics(tmp_path / "ddp") if "loss" in m]) == STEPS
-    ddp, single = losses(tmp_path / "ddp"), losses(straight)
+    return out_dir
+
+
+def test_torchrun_two_ranks_match_one_rank_with_two_micro_steps(straight, ddp_straight):
+    assert len([m for m in metrics(ddp_straight) if "loss" in m]) == STEPS
+    ddp, single = losses(ddp_straight), losses(straight)
     assert sorted(ddp) == sorted(single)
     assert max(abs(ddp[s] - single[s]) for s in single) < 1e-5, (ddp, single)
 
@@ -156,6 +190,19 @@ def test_resume_is_bit_exact(shards, straight, tmp_path):
     out_dir = copy_checkpoint(straight, 8, tmp_path / "run")
     train(shards, out_dir, "--resume")
     assert losses(out_dir) == {s: v for s, v in losses(straight).items() if s > 8}
+    assert_same_state(out_dir / "latest", straight / "latest")  # weights and optimizer, not only losses
+
+
+def test_kill_between_rename_and_latest_resumes_and_points_latest(shards, straight, tmp_path):
+    """The final checkpoint renamed into place, `latest` not yet updated: the rerun has nothing
+    left to train, and must still leave `latest` at that checkpoint for the next stage."""
+    out_dir = copy_checkpoint(straight, 8, tmp_path / "run")
+    shutil.copytree(straight / "step_0000012", out_dir / "step_0000012")
+    train(shards, out_dir, "--resume")
+    assert os.readlink(out_dir / "latest") == "step_0000012"
+    (out_dir / "latest").unlink()
+    train(shards, out_dir, "--resume")
+    assert os.readlink(out_dir / "latest") == "step_0000012"
 
 
 def test_sigterm_saves_and_resume_is_bit_exact(shards, straight, tmp_path):
@@ -170,6 +217,28 @@ def test_sigterm_saves_and_resume_is_bit_exact(shards, straight, tmp_path):
         f.write('{"step": 99, "lo')  # a line a kill cut short
     train(shards, out_dir, "--resume")
     assert losses(out_dir) == losses(straight)
+    assert_same_state(out_dir / "latest", straight / "latest")
+
+
+def test_sigterm_under_two_torchrun_ranks_saves_and_resume_is_bit_exact(shards, ddp_straight, tmp_path):
+    """SIGTERM reaches torchrun, which passes it to both ranks; they agree to stop after the same
+    step, rank 0 saves, both exit 0; resuming on 2 ranks repeats the uninterrupted 2-rank run."""
+    out_dir = tmp_path / "run"
+    proc = subprocess.Popen(torchrun(command(shards, out_dir, "--grad_accum=1", "--save_every=1000")),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=THREADS)
+    wait_for(lambda: len(losses(out_dir)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    # torchrun itself reports the signal it got (SignalException, exit 1) once its workers have
+    # saved and exited; a worker that failed would show as ChildFailedError instead
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 0 or ("SignalException" in stderr and "ChildFailedError" not in stderr), stderr[-3000:]
+    stopped = [int(p.name[5:]) for p in out_dir.glob("step_*")]
+    assert len(stopped) == 1 and 3 <= stopped[0] < STEPS
+    result = subprocess.run(torchrun(command(shards, out_dir, "--grad_accum=1", "--resume")), capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env=THREADS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(out_dir) == losses(ddp_straight)
+    assert_same_state(out_dir / "latest", ddp_straight / "latest")
 
 
 def test_kill9_at_any_moment_leaves_a_resumable_run(shards, straight, tmp_path):
@@ -186,6 +255,11 @@ def test_kill9_at_any_moment_leaves_a_resumable_run(shards, straight, tmp_path):
     train(shards, out_dir, "--resume")
     assert losses(out_dir) == losses(straight)
     assert not list(out_dir.glob(".tmp*"))
+    assert_same_state(out_dir / "latest", straight / "latest")
+    # the resumed run saves every 4 steps and keeps 3: the killed run's checkpoints are pruned as
+    # older ones, and nothing half-deleted is left
+    assert sorted(p.name for p in out_dir.iterdir() if p.name.startswith(("step_", ".old"))) == \
+        ["step_0000004", "step_0000008", "step_0000012"]
 
 
 def test_resume_skips_corrupted_checkpoint_and_half_written_dir(shards, straight, tmp_path, capsys):
@@ -208,8 +282,12 @@ def test_resume_skips_corrupted_checkpoint_and_half_written_dir(shards, straight
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(shards, straight, tmp_path):
     out_dir = copy_checkpoint(straight, 8, tmp_path / "run")
-    with pytest.raises(NanozhError, match=r"^nanozh: .*: (loss|gradient norm) is (nan|inf).* at step (9|10); "):
-        train(shards, out_dir, "--resume", "--lr=1e30")  # the weights blow up after one step
+    result = subprocess.run(command(shards, out_dir, "--resume", "--lr=1e30"),  # the weights blow up after one step
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=THREADS)
+    assert result.returncode == 1
+    last_line = result.stderr.rstrip("\n").split("\n")[-1]  # after the progress bar's last state, not before it
+    assert re.match(r"^nanozh: .*: (loss|gradient norm) is (nan|inf).* at step (9|10); stopped before updating", last_line), \
+        result.stderr[-2000:]
     assert sorted(p.name for p in out_dir.glob("step_*")) == ["step_0000008"]
     assert load_model(out_dir / "latest").config.n_layer == 2
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGE_PATTERN = "train_tokenizer.py"  # the first stage: the one the hanging tests stop in
+STAGE_PATTERN = "data.train_tokenizer"  # the first stage: the one the hanging tests stop in
 needs_pdeathsig = pytest.mark.skipif(
     not sys.platform.startswith("linux") or subprocess.run(["setpriv", "--pdeathsig", "TERM", "true"],
                                                           capture_output=True).returncode != 0,
@@ -102,7 +102,7 @@ def test_a_whole_run_with_fake_tools_calls_every_stage(repo):
     result = run(repo)
     assert result.returncode == 0, result.stderr
     log = "\n".join(calls(repo))
-    for script in ["train_tokenizer.py", "prepare.py --kind dpo", "train_pretrain.py", "train_sft.py",
+    for script in ["data.train_tokenizer", "data.prepare --kind dpo", "train_pretrain.py", "train_sft.py",
                    "train_dpo.py", "sample.py"]:
         assert script in log
     assert "--resume" not in log  # nothing to resume in a fresh directory

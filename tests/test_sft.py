@@ -24,7 +24,7 @@ from data.prepare import main as prepare_main
 from errors import NanozhError
 from model import load_model
 from tokenizer.tokenizer import Tokenizer
-from tokenizer.train_tokenizer import train as train_tokenizer, write_tokenizer
+from data.train_tokenizer import train as train_tokenizer, write_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tokenizer" / "tokenizer.model"

@@ -148,8 +148,8 @@ def test_missing_or_corrupt_model_is_a_user_error(tmp_path):
 
 
 def _run_trainer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tokenizer" / "train_tokenizer.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "data.train_tokenizer", *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_train_tokenizer_script_makes_a_working_tokenizer(tmp_path):

@@ -48,18 +48,18 @@ class Tokenizer:
             self.sp.load_from_serialized_proto(data)
         except (RuntimeError, OSError):
             raise user_error(str(path), "not a valid sentencepiece model (corrupt or truncated?)",
-                             "retrain it with tokenizer/train_tokenizer.py") from None
+                             "retrain it with python -m data.train_tokenizer") from None
         pieces = [self.sp.id_to_piece(i) for i in range(min(len(SPECIALS), self.sp.get_piece_size()))]
         if pieces != SPECIALS:
             raise user_error(str(path), f"special tokens are {pieces}, expected {SPECIALS}",
-                             "use a tokenizer trained by tokenizer/train_tokenizer.py")
+                             "use a tokenizer trained by python -m data.train_tokenizer")
         self.path = path
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.vocab_size = self.sp.get_piece_size()
         self.unk_id, self.bos_id, self.eos_id, self.pad_id, self.im_start_id, self.im_end_id = range(6)
         if self.sp.eos_id() != self.eos_id:  # encode_documents has sentencepiece add it
             raise user_error(str(path), f"sentencepiece's eos id is {self.sp.eos_id()}, expected {self.eos_id}",
-                             "use a tokenizer trained by tokenizer/train_tokenizer.py")
+                             "use a tokenizer trained by python -m data.train_tokenizer")
         self._meta_space_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode()]
         self._headers = {role: self.encode(role + "\n") for role in ROLES}
         self._newline = self.encode("\n")
