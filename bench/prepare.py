@@ -1,8 +1,8 @@
 """How fast is data/prepare.py, and does its memory stay flat? Compared with the tokenizer alone.
 
-    python bench/prepare.py                              # bundled corpus + a 200 MB corpus generated from it
-    python bench/prepare.py --input /data/big_corpus     # bundled corpus + your own large corpus
-    nice python bench/prepare.py --workers 2 --generate_mb 400
+    python -m bench.prepare                              # bundled corpus + a 200 MB corpus generated from it
+    python -m bench.prepare --input /data/big_corpus     # bundled corpus + your own large corpus
+    nice python -m bench.prepare --workers 2 --generate_mb 400
 
 For each corpus it measures, in the same run on the same text and the same number of cores:
   encode   the tokenizer's raw throughput with --workers threads over the raw documents (reading
@@ -55,7 +55,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import pyarrow as pa
@@ -290,7 +289,7 @@ def main() -> None:
                          "main cpu s/MB": r["main_cpu"] / mb,
                          "peak PSS MB": max(p["pss"] for p in prepares) / 2**20,
                          "max RSS MB": max(p["rss"] for p in prepares) / 2**20})
-    print(f"\nbench/prepare.py {' '.join(sys.argv[1:])}: {args.workers} workers, tokenizer vocab {tok.vocab_size}, "
+    print(f"\npython -m bench.prepare {' '.join(sys.argv[1:])}: {args.workers} workers, tokenizer vocab {tok.vocab_size}, "
           f"fastest of {args.repeat} alternating runs each (range: slowest-fastest MB/s)")
     print_table(rows)
     small, big = rows
@@ -311,7 +310,7 @@ def main() -> None:
 
 
 def print_dedup_quality(n_pairs: int) -> None:
-    print(f"\nnear-duplicate removal on planted pairs (bench/prepare.py --only_dedup --pairs {n_pairs}):")
+    print(f"\nnear-duplicate removal on planted pairs (python -m bench.prepare --only_dedup --pairs {n_pairs}):")
     print_table(near_dedup_quality(n_pairs))
 
 
