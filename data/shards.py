@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import user_error
+from files import write_text_atomic
 
 MAGIC = b"NANOZHSH"
 VERSION = 1
@@ -244,10 +245,7 @@ class Shard:
 
 
 def write_meta(out_dir: str | Path, meta: dict) -> None:
-    path = Path(out_dir) / "meta.json"
-    tmp = path.with_name("meta.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(Path(out_dir) / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_meta(shard_dir: str | Path, kind: str | None = None) -> dict:

@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from errors import NanozhError, user_error
+from files import parse_jsonl_line
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
@@ -279,10 +280,9 @@ def _block_records(block: Block, on_error: OnError) -> Iterator[tuple[int, objec
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(user_error(block.path, f"malformed JSON ({e.msg} at column {e.pos + 1})",
-                                 "fix or remove the line", line=n), on_error)
+                rec = parse_jsonl_line(block.path, n, line)
+            except NanozhError as e:
+                _fail(e, on_error)
                 continue
             if err := _lone_surrogate_error(block.path, n, rec, line):
                 _fail(err, on_error)

@@ -65,6 +65,7 @@ from tqdm import tqdm
 
 from data.sources import iter_pretrain
 from errors import NanozhError, exit_on_user_error, user_error
+from files import atomic_path
 from tokenizer.tokenizer import SPECIALS
 
 
@@ -140,9 +141,8 @@ def write_tokenizer(model: bytes, out_dir: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
     for name, data in (("tokenizer.vocab", vocab.encode()), ("tokenizer.model", model)):
-        tmp = out / (name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(data)
     return out / "tokenizer.model"
 
 
