@@ -125,12 +125,13 @@ bpc dpo
 
 # 6. the summary table, then a chat answer from the final model
 $PY - "$OUT" <<'EOF'
-import json, sys
+import subprocess, sys
 from pathlib import Path
+from files import read_jsonl
 out = Path(sys.argv[1])
 def values(stage: str, key: str) -> list:
     path = out / stage / "metrics.jsonl"
-    return [r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r] if path.exists() else []
+    return [r[key] for _, r in read_jsonl(path) if key in r] if path.exists() else []
 def start_end(stage: str, key: str) -> str:
     v = values(stage, key)
     return f"{v[0]:.3f} -> {v[-1]:.3f}" if v else "-"
@@ -147,6 +148,9 @@ print(f"{'total':<14}{total:>6}s")
 print(f"DPO on the validation pairs: reward margin {start_end('dpo', 'val_margin')}, "
       f"reward accuracy {start_end('dpo', 'val_reward_acc')} (ties count as wrong at the start)")
 print("bpc: bits per character on data/corpus/heldout.parquet (lower is better)")
+# the numbers change whenever the code or its defaults do: say which code made these
+commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+print(f"made by commit {commit or '(not a git checkout)'} of nanozh")
 EOF
 QUESTION="你好，你是谁？"
 echo
