@@ -39,3 +39,48 @@ def init_model(tmp_path_factory) -> Path:
     Transformer(config).save(out)
     shutil.copyfile(tokenizer, out / "tokenizer.model")
     return out
+
+
+@pytest.fixture(scope="session")
+def pretrain_shards(tmp_path_factory) -> Path:
+    """A pretraining shard directory (about 200k tokens, val 10%) from the first 12 documents of
+    each bundled corpus file, cut to 3000 characters each."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from data.prepare import main as prepare_main
+
+    tmp = tmp_path_factory.mktemp("pretrain_data")
+    with open(tmp / "slice.jsonl", "w", encoding="utf-8") as f:
+        for path in sorted((ROOT / "data" / "corpus" / "pretrain").glob("*.parquet")):
+            for text in pq.read_table(path, columns=["text"]).column("text").to_pylist()[:12]:
+                f.write(json.dumps({"text": text[:3000]}, ensure_ascii=False) + "\n")
+    prepare_main(["--kind", "pretrain", "--input", str(tmp / "slice.jsonl"), "--tokenizer",
+                  str(ROOT / "tokenizer" / "tokenizer.model"), "--out", str(tmp / "shards"), "--workers", "1",
+                  "--val_fraction", "0.1"])
+    return tmp / "shards"
+
+
+@pytest.fixture(scope="session")
+def pretrained(pretrain_shards, tmp_path_factory) -> Path:
+    """The tiny preset (configs/tiny.json: 4 layers, 128 wide, context 256) after a short real run
+    of train_pretrain.py on pretrain_shards (20 steps of 4 x 256 tokens, about 7 s on one core):
+    its OUT_DIR/latest model directory. What SFT and evaluation start from in their tests, as they
+    do outside them; the run is in this process, and pytest gets its signal handlers back."""
+    import signal
+
+    import train_pretrain
+    import trainer
+
+    out_dir = tmp_path_factory.mktemp("pretrained") / "run"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train_pretrain.train(trainer.parse_config(train_pretrain.PretrainConfig, [
+            "--config", str(ROOT / "configs" / "tiny.json"), f"--data={pretrain_shards}", f"--out_dir={out_dir}",
+            "--batch_size=4", "--max_steps=20", "--lr=1e-2", "--warmup_steps=3", "--log_every=5", "--eval_every=0",
+            "--save_every=1000", "--device=cpu", "--dtype=float32"]))
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return out_dir / "latest"

@@ -3,8 +3,10 @@ generalises to a new phrasing; the loss is one mean over the step's assistant to
 is split into micro-steps and ranks; resuming repeats the uninterrupted run bit for bit; data made
 with another tokenizer than the model's is a one-line error.
 
-Every run starts from a randomly initialised 2-layer, 64-wide model (faster than pretraining one,
-and enough to learn two answers) saved as a model directory with the shipped tokenizer.
+Teaching an answer starts where a user starts: from the tiny preset pretrained by train_pretrain.py
+(the shared `pretrained` fixture of conftest.py). The other runs, which compare runs with each other
+or check errors, start from a randomly initialised 2-layer, 64-wide model (`init_model`), which is
+faster; both are model directories with the shipped tokenizer.
 """
 
 import json
@@ -115,8 +117,9 @@ def test_only_assistant_content_and_its_im_end_carry_loss(tmp_path):
 # training
 
 
-def test_sft_teaches_the_answer_for_an_unseen_phrasing(taught, init_model, tmp_path):
-    train(taught, init_model, tmp_path / "run", "--max_steps=40")
+def test_sft_teaches_the_answer_for_an_unseen_phrasing(taught, pretrained, tmp_path):
+    # a constant lr: in a run this short the cosine decay to min_lr would leave too few useful steps
+    train(taught, pretrained, tmp_path / "run", "--max_steps=80", "--lr=3e-3", "--min_lr=3e-3", "--warmup_steps=2")
     model, tok = load_model(tmp_path / "run" / "latest"), Tokenizer(tmp_path / "run" / "latest")
     for question, answer in [("能不能告诉我中国的首都是哪里？", CAPITAL), ("请你说说世界上最高的山是哪座？", MOUNTAIN)]:
         ids, _ = tok.render_chat([{"role": "user", "content": question}], add_generation_prompt=True)
