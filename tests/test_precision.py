@@ -26,19 +26,16 @@ TINY = ["--config", str(ROOT / "configs" / "tiny.json"), "--model.n_layer=2", "-
         f"--save_every={STEPS}", "--device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def own_signal_handlers():
-    """Training in this process installs SIGINT/SIGTERM handlers; pytest gets its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def train(shards: Path, out_dir: Path, *flags: str) -> dict[str, list[float]]:
-    """A run in this process; its loss and gradient norm at each step."""
-    train_pretrain.train(trainer.parse_config(PretrainConfig, [*TINY, f"--data={shards}", f"--out_dir={out_dir}",
-                                                               *flags]))
+    """A run in this process; its loss and gradient norm at each step. Training installs its own
+    SIGINT/SIGTERM handlers; pytest gets its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train_pretrain.train(trainer.parse_config(PretrainConfig, [*TINY, f"--data={shards}", f"--out_dir={out_dir}",
+                                                                   *flags]))
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return {key: [m[key] for m in records if "loss" in m] for key in ("loss", "grad_norm")}
 
