@@ -33,14 +33,13 @@ import string
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from data.sources import iter_pretrain
 from errors import NanozhError, exit_on_user_error, user_error
-from files import read_prompts, write_jsonl
+from files import read_jsonl, read_prompts, write_jsonl
 from model import Transformer, autocast, check_fits, load, pick_device, pick_dtype
 from tokenizer.tokenizer import Tokenizer
 
@@ -216,25 +215,17 @@ def answer_prompts(model: Transformer, tok: Tokenizer, records: list[tuple[str, 
 
 def read_mc(path: str) -> list[tuple[int, str, list[str], int]]:
     """(line, question, choices, index of the answer) per JSONL line; any problem is a file:line error."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise user_error(path, f"cannot read ({e})", "pass a UTF-8 JSONL file") from None
     items = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise user_error(path, f"malformed JSON ({e.msg})", "one JSON object per line", line=n) from None
+    for n, rec in read_jsonl(path):
         if not isinstance(rec, dict) or not {"question", "choices", "answer"} <= rec.keys():
             have = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
             raise user_error(path, f"needs fields question, choices, answer (has: {have})", line=n)
-        choices = rec["choices"]
-        if isinstance(choices, dict):  # {"A": ..., "B": ...}
+        choices, letters = rec["choices"], ""
+        if isinstance(choices, dict):  # {"A": ..., "B": ...}: the keys are the letters
+            letters = "".join(sorted(choices)) if all(len(k) == 1 and k.isupper() for k in choices) else ""
             choices = [choices[k] for k in sorted(choices)]
-        letters = string.ascii_uppercase[: len(choices)] if isinstance(choices, list) else ""
+        elif isinstance(choices, list):
+            letters = string.ascii_uppercase[: len(choices)]
         if not isinstance(rec["question"], str) or len(letters) < 2 or \
                 not all(isinstance(c, str) and c for c in choices):
             raise user_error(path, "question must be a string and choices at least two non-empty strings", line=n)

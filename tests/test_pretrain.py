@@ -17,20 +17,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train_pretrain
 import trainer
-from data.prepare import main as prepare_main
 from errors import NanozhError
 from model import ModelConfig, Transformer, load_model
 from train_pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT / "data" / "corpus" / "pretrain"
 STEPS = 12
 TINY = ["--config", str(ROOT / "configs" / "tiny.json"), "--model.n_layer=2", "--model.n_embd=32",
         "--model.n_head=2", "--model.n_kv_head=1", "--model.block_size=64", "--batch_size=2", "--grad_accum=2",
@@ -39,17 +36,9 @@ TINY = ["--config", str(ROOT / "configs" / "tiny.json"), "--model.n_layer=2", "-
 
 
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    """A pretraining shard directory from the first documents of each bundled corpus file."""
-    tmp = tmp_path_factory.mktemp("pretrain_data")
-    with open(tmp / "slice.jsonl", "w", encoding="utf-8") as f:
-        for path in sorted(CORPUS.glob("*.parquet")):
-            for text in pq.read_table(path, columns=["text"]).column("text").to_pylist()[:12]:
-                f.write(json.dumps({"text": text[:3000]}, ensure_ascii=False) + "\n")
-    prepare_main(["--kind", "pretrain", "--input", str(tmp / "slice.jsonl"), "--tokenizer",
-                  str(ROOT / "tokenizer" / "tokenizer.model"), "--out", str(tmp / "shards"), "--workers", "1",
-                  "--val_fraction", "0.1"])
-    return tmp / "shards"
+def shards(pretrain_shards) -> Path:
+    """A pretraining shard directory from the first documents of each bundled corpus file (conftest)."""
+    return pretrain_shards
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import sample
-from model import ModelConfig, Transformer, apply_repetition_penalty, sample_next
+from model import ModelConfig, Transformer, apply_repetition_penalty, load, sample_next
 from tokenizer.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def test_same_seed_gives_same_text_and_another_seed_other_text(monkeypatch, caps
 def test_greedy_prints_what_transformer_generate_returns(monkeypatch, capsys, model_dir, tok):
     out = run_main(monkeypatch, capsys, "--model", str(model_dir), "--prompt", "你好", "--temperature", "0",
                    "--max_new_tokens", "20", "--quiet").out
-    model, _ = sample.load(str(model_dir))
+    model, _ = load(str(model_dir))
     ids = tok.render_chat([{"role": "user", "content": "你好"}], add_generation_prompt=True)[0]
     new = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
     stops = [k for k, t in enumerate(new) if t in (tok.im_end_id, tok.eos_id)]
@@ -90,7 +90,7 @@ def test_greedy_prints_what_transformer_generate_returns(monkeypatch, capsys, mo
 def test_raw_mode_continues_the_text_after_an_eos(monkeypatch, capsys, model_dir, tok):
     out = run_main(monkeypatch, capsys, "--model", str(model_dir), "--prompt", "从前有座山", "--raw",
                    "--temperature", "0", "--max_new_tokens", "10", "--quiet").out
-    model, _ = sample.load(str(model_dir))
+    model, _ = load(str(model_dir))
     ids = [tok.eos_id] + tok.encode("从前有座山")
     new = model.generate(torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()
     stops = [k for k, t in enumerate(new) if t in (tok.im_end_id, tok.eos_id)]
@@ -207,7 +207,7 @@ def test_chat_through_stdin_remembers_the_first_turn_until_reset(model_dir, tok)
                           text=True, encoding="utf-8", env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     # what the model answers first, greedy, computed independently of sample.py
-    model, _ = sample.load(str(model_dir))
+    model, _ = load(str(model_dir))
     first = [{"role": "user", "content": "你好"}]
     ids = tok.render_chat(first, add_generation_prompt=True)[0]
     new = model.generate(torch.tensor([ids]), 6, temperature=0, stop_ids=[tok.im_end_id, tok.eos_id])[0, len(ids):]
@@ -241,7 +241,7 @@ def test_streaming_prints_emoji_and_rare_cjk_whole(monkeypatch, capsys, model_di
             yield torch.tensor([t])
 
     monkeypatch.setattr(Transformer, "generate_stream", fake_stream)
-    model, _ = sample.load(str(model_dir))
+    model, _ = load(str(model_dir))
     chunks = []
 
     class Recorder:
