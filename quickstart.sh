@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole nanozh pipeline on the bundled corpus, in about 12 minutes on a 2-core CPU (the GPU
+# The whole nanozh pipeline on the bundled corpus, in about 11 minutes on a 2-core CPU (the GPU
 # is used when there is one): tokenizer -> shards -> pretrain -> SFT -> DPO -> bits per
 # character -> a chat answer.
 #

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -82,3 +83,24 @@ def pretrained(pretrain_shards, tmp_path_factory) -> Path:
         for s, handler in handlers.items():
             signal.signal(s, handler)
     return out_dir / "latest"
+
+
+def assert_same_state(a, b, where: str = "") -> None:
+    """Two checkpoints' weights and train states (optimizer moments, scaler, step, RNG) are equal bit
+    for bit; `a`, `b` are checkpoint directories, or parts of their states when it recurses."""
+    if isinstance(a, Path):
+        for name in ("model.safetensors", "train_state.pt"):
+            load = load_file if name.endswith("safetensors") else lambda p: torch.load(p, weights_only=True)
+            assert_same_state(load(a / name), load(b / name), f"{a.name}/{name}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

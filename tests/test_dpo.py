@@ -23,6 +23,7 @@ import train_dpo
 from data.prepare import main as prepare_main
 from errors import NanozhError
 from model import load_model
+from conftest import assert_same_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tokenizer" / "tokenizer.model"
@@ -168,6 +169,7 @@ def test_resume_is_bit_exact(data, init_model, straight, tmp_path):
     assert "resumed from" in train(data, init_model, out_dir, "--resume").stdout
     assert {s: m["loss"] for s, m in metrics(out_dir).items()} == \
         {s: m["loss"] for s, m in metrics(straight).items() if s > 6}
+    assert_same_state(out_dir / "latest", straight / "latest")  # weights and optimizer, not only losses
 
 # -----------------------------------------------------------------------------
 # what bad input gets

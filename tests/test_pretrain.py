@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train_pretrain
 import trainer
+from conftest import assert_same_state
 from errors import NanozhError
 from model import ModelConfig, Transformer, load_model
 from train_pretrain import PretrainConfig
@@ -89,27 +89,6 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         assert proc.poll() is None, f"training exited early: {proc.stderr.read()[-3000:]}"
         assert time.time() < deadline, "timed out waiting for training"
         time.sleep(0.02)
-
-
-def assert_same_state(a, b, where: str = "") -> None:
-    """Two checkpoints' weights and train states (optimizer moments, scaler, step, RNG) are equal bit
-    for bit; `a`, `b` are checkpoint directories, or parts of their states when it recurses."""
-    if isinstance(a, Path):
-        for name in ("model.safetensors", "train_state.pt"):
-            load = load_file if name.endswith("safetensors") else lambda p: torch.load(p, weights_only=True)
-            assert_same_state(load(a / name), load(b / name), f"{a.name}/{name}")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def copy_checkpoint(run: Path, step: int, out_dir: Path) -> Path:

@@ -27,6 +27,7 @@ from errors import NanozhError
 from model import load_model
 from tokenizer.tokenizer import Tokenizer
 from data.train_tokenizer import train as train_tokenizer, write_tokenizer
+from conftest import assert_same_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tokenizer" / "tokenizer.model"
@@ -163,6 +164,7 @@ def test_resume_is_bit_exact(eight, init_model, tmp_path):
     assert "resumed from" in train(eight, init_model, out_dir, *flags, "--resume").stdout
     assert sorted(losses(straight)) == list(range(1, 9))
     assert losses(out_dir) == {s: v for s, v in losses(straight).items() if s > 4}
+    assert_same_state(out_dir / "latest", straight / "latest")  # weights and optimizer, not only losses
 
 # -----------------------------------------------------------------------------
 # what bad input gets
