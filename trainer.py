@@ -496,7 +496,10 @@ def step_tail(run: Run, step: int, **values: torch.Tensor) -> dict[str, float]:
 
 def evaluate(run: Run, step: int, evaluate_fn: typing.Callable[[], dict]) -> None:
     """Log the metrics evaluate_fn returns, computed in eval mode (no dropout), without gradients,
-    under autocast. Every rank calls it (the scripts' evaluations all-reduce their sums)."""
+    under autocast. Every rank calls it (the scripts' evaluations all-reduce their sums). Nothing
+    when --eval_every=0 (never evaluate)."""
+    if not run.cfg.eval_every:
+        return
     run.raw_model.eval()
     with torch.no_grad(), run.ctx:
         metrics = evaluate_fn()
