@@ -116,6 +116,12 @@ def test_training_lowers_validation_loss(shards, tmp_path):
     assert len(val) == 2 and val[1] < val[0] - 1.5, val
 
 
+def test_eval_every_zero_never_evaluates(shards, tmp_path):
+    train(shards, tmp_path / "run", "--max_steps=2", "--eval_every=0")
+    assert [m for m in metrics(tmp_path / "run") if "val_loss" in m] == []
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+
+
 def test_run_writes_checkpoints_metrics_and_latest_model_dir(straight):
     assert sorted(losses(straight)) == list(range(1, STEPS + 1))
     assert [m["step"] for m in metrics(straight) if "val_loss" in m] == [0, 6, 12]
