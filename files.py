@@ -8,6 +8,7 @@ blocks; it parses each line with parse_jsonl_line, so its errors read the same.)
 the prompt-file format of sample.py and eval.py.
 """
 
+import hashlib
 import json
 import os
 import tempfile
@@ -44,6 +45,15 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks (a model's weights can be GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:

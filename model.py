@@ -237,6 +237,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.adapter = None  # a lora.Adapter once LoRA adapters are on: save() then writes only them
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -383,10 +384,13 @@ class Transformer(nn.Module):
         kill mid-save leaves the previous files whole. A tied head is stored once (as tok_emb)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-                 if not (self.config.tie_embeddings and k == "lm_head.weight")}
-        with atomic_path(out_dir / "model.safetensors") as tmp:
-            save_file(state, tmp, metadata={"format": "pt"})
+        if self.adapter is not None:  # a LoRA model: its adapters and the base they belong to (lora.py)
+            self.adapter.save(self, out_dir)
+        else:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                     if not (self.config.tie_embeddings and k == "lm_head.weight")}
+            with atomic_path(out_dir / "model.safetensors") as tmp:
+                save_file(state, tmp, metadata={"format": "pt"})
         write_text_atomic(out_dir / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
 
 
@@ -398,6 +402,9 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
     config_path, weights_path = model_dir / "config.json", model_dir / "model.safetensors"
     if not model_dir.is_dir():
         raise user_error(model_dir, "model directory not found", "pass a directory written by training")
+    if (model_dir / "adapter_config.json").is_file():  # a LoRA adapter directory: its base + the adapters
+        import lora  # here, not at the top: lora.py builds on this module
+        return lora.load(model_dir, device, dtype)
     for path in (config_path, weights_path):
         if not path.is_file():
             raise user_error(path, "missing", "a model directory holds config.json and model.safetensors")

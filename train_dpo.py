@@ -4,6 +4,7 @@
     python train_dpo.py --init_from out/sft/latest --data out/data/dpo --out_dir out/dpo --precompute_ref
     torchrun --standalone --nproc_per_node=8 train_dpo.py --init_from out/sft/latest --data DIR --out_dir DIR
     python train_dpo.py --init_from out/sft/latest --data out/data/dpo --out_dir out/dpo --resume
+    python train_dpo.py --init_from out/sft/latest --data out/data/dpo --out_dir out/dpo_lora --lora_rank 8
 
 --data is a shard directory of data/prepare.py --kind dpo (prompt, chosen, rejected), made with the
 model's tokenizer. Settings, checkpoints, resume, Ctrl-C/SIGTERM, logging and torchrun work as in
@@ -33,6 +34,9 @@ runs only the policy, and only one model's weights occupy memory. That pays off 
 than one epoch, or when the second model does not fit; for a fraction of an epoch the live
 reference does less work.
 
+With --lora_rank R only low-rank adapters train (lora.py), and the reference is the same network
+with its adapters switched off (lora.base_view): one model's weights in memory, not two.
+
 Chosen and rejected answers go through the model in one forward: the loader gives B prompt+chosen
 rows followed by B prompt+rejected rows. Each micro-step holds the same number of pairs, so the mean
 loss per pair over micro-steps and ranks is the mean of their means.
@@ -46,6 +50,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import lora
 import trainer
 from data.loaders import DPOLoader, position
 from errors import user_error
@@ -53,7 +58,7 @@ from model import Transformer
 
 
 @dataclass
-class DPOConfig(trainer.TrainConfig):
+class DPOConfig(trainer.TrainConfig, lora.LoraSettings):
     out_dir: str = "out/dpo"
     max_steps: int = 0            # 0 = as many steps as `epochs` passes over the train split take
     epochs: float = 1.0
@@ -129,8 +134,11 @@ def train(cfg: DPOConfig) -> None:
         raise user_error("command line", f"--label_smoothing={cfg.label_smoothing} is outside [0, 0.5)",
                          "it is the share of labels assumed flipped; 0 is plain DPO")
     dist, tokenizer_path, model = trainer.setup(cfg, "dpo")
-    # the reference: the same start model, frozen; eval mode turns its dropout (if any) off
-    reference = trainer.build_model(cfg, tokenizer_path, dist.device).eval().requires_grad_(False)
+    model = lora.setup(model, cfg, cfg.init_from, cfg.seed)  # --lora_rank > 0: frozen, with adapters
+    # the reference: the same start model, frozen; eval mode turns its dropout (if any) off. With
+    # LoRA it is the policy itself with its adapters switched off: no second copy of the weights
+    reference = (lora.base_view(model) if cfg.lora_rank else
+                 trainer.build_model(cfg, tokenizer_path, dist.device).eval().requires_grad_(False))
     block_size = model.config.block_size
     loader, val_loader = DPOLoader.splits(cfg.data, cfg.batch_size, cfg.seed, max_len=block_size)
     has_val = val_loader is not None

@@ -3,12 +3,14 @@
     python train_sft.py --init_from out/pretrain/latest --data out/data/sft --out_dir out/sft
     torchrun --standalone --nproc_per_node=8 train_sft.py --init_from out/pretrain/latest --data DIR --out_dir DIR
     python train_sft.py --init_from out/pretrain/latest --data out/data/sft --out_dir out/sft --resume
+    python train_sft.py --init_from out/pretrain/latest --data out/data/sft --out_dir out/sft_lora --lora_rank 8
 
 --data is a shard directory of data/prepare.py --kind sft, made with the model's own tokenizer.
 Settings, checkpoints, resume, Ctrl-C/SIGTERM, logging and torchrun work as in train_pretrain.py;
 the model comes from --init_from (of the --model.key settings only attn_impl and dropout may
 differ from it). OUT_DIR/latest is a chat model directory for sample.py --chat, eval.py and
-train_dpo.py --init_from.
+train_dpo.py --init_from. With --lora_rank R only low-rank adapters train (lora.py): checkpoints
+then hold the adapters and name the base model, and OUT_DIR/latest loads as base + adapters.
 
 What the model learns: each conversation is rendered with the one chat template
 (Tokenizer.render_chat), and only the tokens the assistant writes carry loss: the content of every
@@ -38,12 +40,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+import lora
 import trainer
 from data.loaders import SFTLoader
 
 
 @dataclass
-class SFTConfig(trainer.TrainConfig):
+class SFTConfig(trainer.TrainConfig, lora.LoraSettings):
     out_dir: str = "out/sft"
     max_steps: int = 0            # 0 = as many steps as `epochs` passes over the train split take
     epochs: float = 3.0
@@ -74,6 +77,7 @@ def validation_loss(model: torch.nn.Module, loader: SFTLoader, n_batches: int, d
 
 def train(cfg: SFTConfig) -> None:
     dist, tokenizer_path, model = trainer.setup(cfg, "sft")
+    model = lora.setup(model, cfg, cfg.init_from, cfg.seed)  # --lora_rank > 0: frozen, with adapters
     loader, val_loader = SFTLoader.splits(cfg.data, cfg.batch_size, cfg.seed, max_len=model.config.block_size)
     cfg.max_steps = cfg.max_steps or loader.steps_for(cfg.epochs, cfg.grad_accum, dist.world_size)
     # MFU counts the FLOPs of a position at the full context: an upper bound, most rows are shorter

@@ -30,7 +30,6 @@ on storage they all see.
 import ctypes
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -50,9 +49,10 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import lora
 from data.shards import read_meta
 from errors import NanozhError, exit_on_user_error, user_error
-from files import read_jsonl, write_text_atomic
+from files import file_sha256, read_jsonl, write_text_atomic
 from model import ModelConfig, Transformer, autocast, load_model, pick_device, pick_dtype
 from tokenizer.tokenizer import Tokenizer
 
@@ -297,7 +297,7 @@ def build_model(cfg, tokenizer_path: Path, device: torch.device) -> Transformer:
     (data_tokenizer has checked that its tokenizer is the data's; of cfg.model only attn_impl and
     dropout may differ from its config). Every rank builds the same weights: the seed is shared."""
     if cfg.init_from:
-        loaded = load_model(cfg.init_from)
+        loaded = lora.merge(load_model(cfg.init_from))  # an adapter directory: its adapters folded in
         asked = dataclasses.replace(loaded.config, **cfg.model)
         check_same_model(Path(cfg.init_from) / "config.json", loaded.config, asked, ignore=("attn_impl", "dropout"),
                          fix="leave out model settings other than attn_impl and dropout: they come from --init_from")
@@ -450,7 +450,9 @@ def start_run(cfg: TrainConfig, model: Transformer, dist: Dist, tokenizer_path: 
     if dist.is_main:
         remove_temp_dirs(cfg.out_dir)
         print_config(cfg, model.config)
-        print(f"{model.num_params() / 1e6:.2f}M parameters{f' from {cfg.init_from}' if cfg.init_from else ''}, "
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{model.num_params() / 1e6:.2f}M parameters{f' from {cfg.init_from}' if cfg.init_from else ''}"
+              f"{f' ({trainable:,} trainable)' if trainable < model.num_params() else ''}, "
               f"{dist.world_size} rank(s) on {dist.device}, {dtype}")
     wrapped = torch.compile(model) if cfg.compile else model
     if dist.ddp:
@@ -644,14 +646,6 @@ def remove_temp_dirs(out_dir: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_same_tokenizer(model_tokenizer: Path, data_tokenizer: Path) -> None:
     if not model_tokenizer.exists():
         raise user_error(model_tokenizer, "no tokenizer.model beside the model",
@@ -712,7 +706,11 @@ def resume(out_dir: str, model: Transformer, optimizer: torch.optim.Optimizer, s
     check_same_tokenizer(ckpt / "tokenizer.model", tokenizer_path)
     # the attention implementation changes how, not what, is computed: resuming on another is fine
     check_same_model(ckpt / "config.json", weights.config, model.config)
-    model.load_state_dict(weights.state_dict())
+    saved, ours = weights.state_dict(), model.state_dict()
+    if saved.keys() != ours.keys() or any(saved[k].shape != ours[k].shape for k in saved):
+        raise user_error(ckpt, "the checkpoint holds other weights than this run's model (LoRA on or off, another rank "
+                         "or other targets)", "resume with the settings in its train_config.json, or use a new --out_dir")
+    model.load_state_dict(saved)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     if len(state["rng"]) == dist.world_size:
@@ -814,4 +812,3 @@ class Logger:
         self.bar.close()
         if self.active and summary:
             print(summary)
-
