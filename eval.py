@@ -3,6 +3,8 @@
     python eval.py --model out/pretrain/latest --text data/corpus/heldout.parquet
     python eval.py --model out/sft/latest --chat_prompts prompts.jsonl --out answers.jsonl
     python eval.py --model out/sft/latest --mc questions.jsonl
+    python eval.py --model out/pretrain/latest --ceval ceval-exam --raw --shots 5
+    python eval.py --model out/sft/latest --cmmlu cmmlu --subjects agronomy,anatomy
 
 Each mode prints one JSON object on stdout (progress bars go to stderr).
 
@@ -22,6 +24,13 @@ divided by the choice's length in characters ("accuracy"): a summed log-likeliho
 choices merely for having fewer tokens, and characters, unlike tokens, are the same for every
 tokenizer. The unnormalised accuracy is printed too.
 
+--ceval DIR / --cmmlu DIR: the benchmarks as their official archives unzip (benchmarks.py reads
+them; --split, --subjects, --shots K solved dev examples of the same subject), in
+lm-evaluation-harness's prompt, scored two ways (SCORINGS): the letter after "答案：" and the
+option's text per character. Accuracy per subject, per category and overall, with the question
+count and the chance level, as a table on stderr and JSON on stdout; --out writes the letter
+scoring's predictions as C-Eval's submission JSON (needed for C-Eval test, which has no answers).
+
 nll_of_tokens() is also what training uses for its validation loss, so the numbers agree.
 """
 
@@ -32,14 +41,16 @@ import math
 import string
 import sys
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator
 
 import torch
 from tqdm import tqdm
 
+import benchmarks
 from data.sources import iter_pretrain
 from errors import NanozhError, exit_on_user_error, user_error
-from files import read_jsonl, read_prompts, write_jsonl
+from files import read_jsonl, read_prompts, write_jsonl, write_text_atomic
 from model import Transformer, autocast, check_fits, load, pick_device, pick_dtype
 from tokenizer.tokenizer import Tokenizer
 
@@ -240,40 +251,138 @@ def read_mc(path: str) -> list[tuple[int, str, list[str], int]]:
     return items
 
 
-def mc_accuracy(model: Transformer, tok: Tokenizer, items: list[tuple[int, str, list[str], int]], raw: bool = False,
-                batch_size: int = 8) -> dict:
-    """Accuracy when the model picks the choice it finds most likely after the question, per
-    character ("accuracy") and summed ("accuracy_unnormalised"). A context longer than the model's
-    is cut from the left (the start of the question goes first; the choice is always kept)."""
+def continuation_nll(model: Transformer, tok: Tokenizer, prompts: list[tuple[str, list[str]]], raw: bool = False,
+                     batch_size: int = 8) -> list[list[float]]:
+    """Summed NLL of each continuation after its prompt, one list per prompt: the prompt as the
+    user's message and the continuation as the assistant's answer (chat template), or with raw as
+    plain text after an eos. A context longer than the model's is cut from the left (the start of
+    the prompt goes first; the continuation is always kept)."""
     ctx = model.config.block_size
-    rows, chars = [], []
-    for _, question, choices, _ in items:
-        head = [tok.eos_id] + tok.encode(question) if raw else \
-            tok.render_chat([{"role": "user", "content": question}], add_generation_prompt=True)[0]
-        for choice in choices:
-            tail = tok.encode(choice)
+    rows = []
+    for text, continuations in prompts:
+        head = [tok.eos_id] + tok.encode(text) if raw else \
+            tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)[0]
+        for continuation in continuations:
+            tail = tok.encode(continuation)
             ids = torch.tensor((head + tail)[-(ctx + 1):])
             y = ids[1:].clone()
             y[: max(0, len(y) - len(tail))] = -1
             rows.append((ids[:-1], y))
-            chars.append(len(choice))
     # batches of similar lengths waste less on padding; scores go back to their rows after
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    nll, t0 = [0.0] * len(rows), time.perf_counter()
+    nll = [0.0] * len(rows)
     with _eval_mode(model):
         for batch in tqdm(list(_batched(order, batch_size)), desc="choices", unit="batch", file=sys.stderr):
             for i, score in zip(batch, _nll_per_row(model, [rows[i] for i in batch])[0].tolist()):
                 nll[i] = score
-    right_norm = right_sum = k = 0
-    for _, _, choices, answer in items:
-        picks = range(k, k + len(choices))
-        right_norm += min(picks, key=lambda i: nll[i] / chars[i]) - k == answer
-        right_sum += min(picks, key=lambda i: nll[i]) - k == answer
-        k += len(choices)
+    out, k = [], 0
+    for _, continuations in prompts:
+        out.append(nll[k : k + len(continuations)])
+        k += len(continuations)
+    return out
+
+def mc_accuracy(model: Transformer, tok: Tokenizer, items: list[tuple[int, str, list[str], int]], raw: bool = False,
+                batch_size: int = 8) -> dict:
+    """Accuracy when the model picks the choice it finds most likely after the question, per
+    character ("accuracy") and summed ("accuracy_unnormalised"), scored by continuation_nll."""
+    t0 = time.perf_counter()
+    nlls = continuation_nll(model, tok, [(question, choices) for _, question, choices, _ in items], raw, batch_size)
+    right_norm = right_sum = 0
+    for (_, _, choices, answer), nll in zip(items, nlls):
+        right_norm += min(range(len(choices)), key=lambda i: nll[i] / len(choices[i])) == answer
+        right_sum += min(range(len(choices)), key=lambda i: nll[i]) == answer
     return {"accuracy": right_norm / len(items), "accuracy_unnormalised": right_sum / len(items),
             "questions": len(items), "template": "raw" if raw else "chat",
             "seconds": round(time.perf_counter() - t0, 2)}
 
+
+# -----------------------------------------------------------------------------
+# --ceval / --cmmlu: the Chinese benchmarks in their official CSV layouts (benchmarks.py reads them)
+
+SCORINGS = {  # both are reported: a base model that never saw the letter format does better on "text"
+    "letter": "log-likelihood of the answer letter after 答案： (lm-evaluation-harness's acc)",
+    "text": "log-likelihood per character of the option's own text",
+}
+
+def benchmark_picks(model: Transformer, tok: Tokenizer, benchmark: str, questions: list[benchmarks.Question],
+                    dev: dict[str, list[benchmarks.Question]], raw: bool = False, batch_size: int = 8
+                    ) -> dict[str, list[int]]:
+    """The option each scoring of SCORINGS picks for each question, after the solved dev examples
+    of its subject in `dev` (none where `dev` has no entry: zero-shot)."""
+    picks = {}
+    for scoring in SCORINGS:
+        by_text = scoring == "text"
+        prompts = [benchmarks.prompt(benchmark, q, dev.get(q.subject, []), by_text) for q in questions]
+        nlls = continuation_nll(model, tok, prompts, raw, batch_size)
+        picks[scoring] = [min(range(len(options)), key=lambda i: nll[i] / (len(options[i]) if by_text else 1))
+                          for (_, options), nll in zip(prompts, nlls)]
+    return picks
+
+def benchmark_report(benchmark: str, questions: list[benchmarks.Question], picks: dict[str, list[int]]) -> dict:
+    """Accuracy of each scoring overall, per category and per subject, each with its question count
+    and chance level (1 / options, averaged)."""
+    def tally(idx: list[int]) -> dict:
+        out = {"questions": len(idx), "chance": sum(1 / len(questions[i].choices) for i in idx) / len(idx)}
+        return {**out, **{s: sum(p[i] == questions[i].answer for i in idx) / len(idx) for s, p in picks.items()}}
+
+    by_subject: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_subject.setdefault(q.subject, []).append(i)
+    category = {s: benchmarks.subject_info(benchmark, s)[1] for s in by_subject}
+    return {**tally(list(range(len(questions)))),
+            "categories": {c: tally([i for s, idx in by_subject.items() if category[s] == c for i in idx])
+                           for c in benchmarks.CATEGORIES if c in category.values()},
+            "subjects": {s: {"category": category[s], **tally(idx)} for s, idx in sorted(by_subject.items())}}
+
+def _pad(text: str, width: int) -> str:
+    """Left-justify for a terminal, where a CJK character is two columns wide."""
+    return text + " " * max(0, width - sum(1 + (unicodedata.east_asian_width(c) in "WF") for c in text))
+
+def print_benchmark_table(report: dict) -> None:
+    """Subjects, then categories, then the total, one row each, on stderr."""
+    head = f"{'questions':>9} {'chance':>7} " + " ".join(f"{s:>7}" for s in SCORINGS)
+
+    def row(name: str, category: str, r: dict) -> str:
+        return (_pad(name, 42) + _pad(category, 10) + f"{r['questions']:>9} {r['chance']:>7.3f} "
+                + " ".join(f"{r[s]:>7.3f}" for s in SCORINGS))
+    lines = [_pad("subject", 42) + _pad("category", 10) + head]
+    lines += [row(s, r["category"], r) for s, r in report["subjects"].items()]
+    lines += [row("", c, r) for c, r in report["categories"].items()]
+    lines.append(row("overall", "", report))
+    print("\n".join(lines), file=sys.stderr)
+
+def submission(questions: list[benchmarks.Question], picks: list[int]) -> dict[str, dict[str, str]]:
+    """Predictions in C-Eval's submission JSON: {subject: {question id: letter}}."""
+    out: dict[str, dict[str, str]] = {}
+    for q, p in zip(questions, picks):
+        out.setdefault(q.subject, {})[q.id] = benchmarks.LETTERS[p]
+    return out
+
+def run_benchmark(model: Transformer, tok: Tokenizer, args: argparse.Namespace) -> dict:
+    """--ceval / --cmmlu: the table on stderr, the result for stdout; predictions to --out if given.
+    A split without answers (C-Eval test) gets predictions only, so it needs --out."""
+    name, root = ("ceval", args.ceval) if args.ceval else ("cmmlu", args.cmmlu)
+    split = args.split or benchmarks.BENCHMARKS[name][2]
+    questions, dev = benchmarks.read_benchmark(name, root, split, benchmarks.parse_subjects(args.subjects), args.shots)
+    answered = all(q.answer is not None for q in questions)
+    if not answered and not args.out:
+        raise user_error(f"{root}/{split}", "has no answers to score against",
+                         "pass --out submission.json for C-Eval's submission file")
+    t0 = time.perf_counter()
+    picks = benchmark_picks(model, tok, name, questions, dev, args.raw, args.batch_size)
+    result = {"benchmark": name, "split": split, "shots": args.shots, "template": "raw" if args.raw else "chat",
+              "scorings": SCORINGS}
+    if answered:
+        report = benchmark_report(name, questions, picks)
+        print_benchmark_table(report)
+        result.update(report)
+    else:
+        result["questions"] = len(questions)
+    if args.out:  # the letter scoring's picks: what leaderboards report
+        write_text_atomic(args.out, json.dumps(submission(questions, picks["letter"]), ensure_ascii=False, indent=1))
+        result["predictions"] = args.out
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
 
 # -----------------------------------------------------------------------------
 
@@ -285,9 +394,16 @@ def main() -> None:
     mode.add_argument("--text", nargs="+", help="txt / jsonl / parquet files or directories of documents")
     mode.add_argument("--chat_prompts", help="JSONL with a \"prompt\" field per line (needs --out)")
     mode.add_argument("--mc", help="JSONL with question, choices, answer (a letter)")
-    p.add_argument("--out", help="where --chat_prompts writes its answers (JSONL)")
+    mode.add_argument("--ceval", metavar="DIR", help="C-Eval as unzipped: dev/ val/ test/ of <subject>_<split>.csv")
+    mode.add_argument("--cmmlu", metavar="DIR", help="CMMLU as unzipped: dev/ test/ of <subject>.csv")
+    p.add_argument("--out", help="where --chat_prompts writes its answers (JSONL); --ceval/--cmmlu their "
+                                 "predictions (C-Eval's submission JSON)")
+    p.add_argument("--split", help="--ceval/--cmmlu split to score (default: C-Eval val, CMMLU test)")
+    p.add_argument("--shots", type=int, default=0, choices=range(6), help="solved dev examples before each question")
+    p.add_argument("--subjects", default="", help="--ceval/--cmmlu: comma-separated subjects (default: all)")
     p.add_argument("--stride", type=int, default=0, help="--text window stride in tokens (default: half the context)")
-    p.add_argument("--raw", action="store_true", help="--chat_prompts / --mc without the chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="--chat_prompts / --mc / --ceval / --cmmlu as plain text, no chat template (base models)")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=1337)
@@ -318,8 +434,10 @@ def main() -> None:
                 tokens = sum(a["tokens"] for a in answers)
                 result = {"prompts": len(answers), "tokens": tokens, "seconds": round(seconds, 2),
                           "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "out": args.out}
-            else:
+            elif args.mc:
                 result = mc_accuracy(model, tok, read_mc(args.mc), args.raw, args.batch_size)
+            else:
+                result = run_benchmark(model, tok, args)
     except NanozhError as e:
         exit_on_user_error(e)
     print(json.dumps(result, ensure_ascii=False))
