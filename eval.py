@@ -281,6 +281,7 @@ def continuation_nll(model: Transformer, tok: Tokenizer, prompts: list[tuple[str
         k += len(continuations)
     return out
 
+
 def mc_accuracy(model: Transformer, tok: Tokenizer, items: list[tuple[int, str, list[str], int]], raw: bool = False,
                 batch_size: int = 8) -> dict:
     """Accuracy when the model picks the choice it finds most likely after the question, per
@@ -304,6 +305,7 @@ SCORINGS = {  # both are reported: a base model that never saw the letter format
     "text": "log-likelihood per character of the option's own text",
 }
 
+
 def benchmark_picks(model: Transformer, tok: Tokenizer, benchmark: str, questions: list[benchmarks.Question],
                     dev: dict[str, list[benchmarks.Question]], raw: bool = False, batch_size: int = 8
                     ) -> dict[str, list[int]]:
@@ -317,6 +319,7 @@ def benchmark_picks(model: Transformer, tok: Tokenizer, benchmark: str, question
         picks[scoring] = [min(range(len(options)), key=lambda i: nll[i] / (len(options[i]) if by_text else 1))
                           for (_, options), nll in zip(prompts, nlls)]
     return picks
+
 
 def benchmark_report(benchmark: str, questions: list[benchmarks.Question], picks: dict[str, list[int]]) -> dict:
     """Accuracy of each scoring overall, per category and per subject, each with its question count
@@ -334,9 +337,11 @@ def benchmark_report(benchmark: str, questions: list[benchmarks.Question], picks
                            for c in benchmarks.CATEGORIES if c in category.values()},
             "subjects": {s: {"category": category[s], **tally(idx)} for s, idx in sorted(by_subject.items())}}
 
+
 def _pad(text: str, width: int) -> str:
     """Left-justify for a terminal, where a CJK character is two columns wide."""
     return text + " " * max(0, width - sum(1 + (unicodedata.east_asian_width(c) in "WF") for c in text))
+
 
 def print_benchmark_table(report: dict) -> None:
     """Subjects, then categories, then the total, one row each, on stderr."""
@@ -351,12 +356,14 @@ def print_benchmark_table(report: dict) -> None:
     lines.append(row("overall", "", report))
     print("\n".join(lines), file=sys.stderr)
 
+
 def submission(questions: list[benchmarks.Question], picks: list[int]) -> dict[str, dict[str, str]]:
     """Predictions in C-Eval's submission JSON: {subject: {question id: letter}}."""
     out: dict[str, dict[str, str]] = {}
     for q, p in zip(questions, picks):
         out.setdefault(q.subject, {})[q.id] = benchmarks.LETTERS[p]
     return out
+
 
 def run_benchmark(model: Transformer, tok: Tokenizer, args: argparse.Namespace) -> dict:
     """--ceval / --cmmlu: the table on stderr, the result for stdout; predictions to --out if given.
@@ -383,6 +390,7 @@ def run_benchmark(model: Transformer, tok: Tokenizer, args: argparse.Namespace) 
         result["predictions"] = args.out
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
+
 
 # -----------------------------------------------------------------------------
 
