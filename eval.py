@@ -3,6 +3,7 @@
     python eval.py --model out/pretrain/latest --text data/corpus/heldout.parquet
     python eval.py --model out/sft/latest --chat_prompts prompts.jsonl --out answers.jsonl
     python eval.py --model out/sft/latest --mc questions.jsonl
+    python eval.py --model out/triples/latest --task data/tasks/kdconv_triples/test.jsonl --metric triples_f1 --out answers.jsonl
     python eval.py --model out/pretrain/latest --ceval ceval-exam --raw --shots 5
     python eval.py --model out/sft/latest --cmmlu cmmlu --subjects agronomy,anatomy
 
@@ -31,6 +32,10 @@ option's text per character. Accuracy per subject, per category and overall, wit
 count and the chance level, as a table on stderr and JSON on stdout; --out writes the letter
 scoring's predictions as C-Eval's submission JSON (needed for C-Eval test, which has no answers).
 
+--task FILE.jsonl --metric exact_match|triples_f1 [--out ANSWERS.jsonl]: answers every "prompt" as
+--chat_prompts does (greedy by default), then scores them against the gold "response" (or
+"triples"): the metric's JSON on stdout, each answer with its own counts in --out (tasks.py).
+
 nll_of_tokens() is also what training uses for its validation loss, so the numbers agree.
 """
 
@@ -48,6 +53,7 @@ import torch
 from tqdm import tqdm
 
 import benchmarks
+import tasks
 from data.sources import iter_pretrain
 from errors import NanozhError, exit_on_user_error, user_error
 from files import read_jsonl, read_prompts, write_jsonl, write_text_atomic
@@ -402,6 +408,8 @@ def main() -> None:
     mode.add_argument("--text", nargs="+", help="txt / jsonl / parquet files or directories of documents")
     mode.add_argument("--chat_prompts", help="JSONL with a \"prompt\" field per line (needs --out)")
     mode.add_argument("--mc", help="JSONL with question, choices, answer (a letter)")
+    mode.add_argument("--task", help="JSONL with prompt and gold response: answers scored by --metric (--out: the answers)")
+    p.add_argument("--metric", choices=tasks.METRICS, default="exact_match", help="--task's metric")
     mode.add_argument("--ceval", metavar="DIR", help="C-Eval as unzipped: dev/ val/ test/ of <subject>_<split>.csv")
     mode.add_argument("--cmmlu", metavar="DIR", help="CMMLU as unzipped: dev/ test/ of <subject>.csv")
     p.add_argument("--out", help="where --chat_prompts writes its answers (JSONL); --ceval/--cmmlu their "
@@ -432,6 +440,14 @@ def main() -> None:
         with autocast(device, dtype):  # fp32 weights, matmuls in dtype: as training's validation loss
             if args.text:
                 result = bpc_of_text(model, tok, args.text, args.stride or None, args.batch_size)
+            elif args.task:
+                records = tasks.read_task(args.task, args.metric)
+                answers = answer_prompts(model, tok, records, args.max_new_tokens, args.temperature,
+                                         args.batch_size, args.raw, args.seed)
+                result, per_example = tasks.score(args.metric, [r for _, r in records], [a["answer"] for a in answers])
+                if args.out:
+                    write_jsonl(args.out, [{**a, **e} for a, e in zip(answers, per_example)])
+                result = {"task": args.task, "metric": args.metric, **result}
             elif args.chat_prompts:
                 records = [(f"{args.chat_prompts}:{n}", rec) for n, rec in read_prompts(args.chat_prompts)]
                 t0 = time.perf_counter()

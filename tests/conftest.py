@@ -85,6 +85,21 @@ def pretrained(pretrain_shards, tmp_path_factory) -> Path:
     return out_dir / "latest"
 
 
+def train_in_process(script, config_cls, argv: list[str]) -> None:
+    """script.train(parse_config(config_cls, argv)) in this process (faster than a subprocess: no
+    torch import); pytest gets its SIGINT/SIGTERM handlers back, which the run replaced."""
+    import signal
+
+    import trainer
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        script.train(trainer.parse_config(config_cls, argv))
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
 def assert_same_state(a, b, where: str = "") -> None:
     """Two checkpoints' weights and train states (optimizer moments, scaler, step, RNG) are equal bit
     for bit; `a`, `b` are checkpoint directories, or parts of their states when it recurses."""

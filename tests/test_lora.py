@@ -9,7 +9,6 @@ Every run starts from the random 2-layer, 64-wide `init_model` of conftest.py, i
 import json
 import math
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 import lora
-import trainer
 import train_dpo
 import train_sft
 from data.prepare import main as prepare_main
+from conftest import train_in_process
 from model import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,14 +39,8 @@ def prepare(tmp: Path, kind: str, records: list[dict]) -> Path:
     return tmp / "shards"
 
 
-def run(module, config_cls, *flags: str) -> None:
-    """A training run in this process; pytest gets its signal handlers back."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        module.train(trainer.parse_config(config_cls, [*FLAGS, *flags]))
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+def run(script, config_cls, *flags: str) -> None:
+    train_in_process(script, config_cls, [*FLAGS, *flags])
 
 
 @pytest.fixture(scope="module")
