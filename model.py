@@ -54,6 +54,15 @@ class ModelConfig:
     attn_impl: str = "auto"
     init_std: float = 0.02
     dropout: float = 0.0
+    # mixture of experts (0 = a dense MLP in every block): each token goes to the n_expert_active
+    # (top-k) of n_expert routed SwiGLU experts of ffn_hidden each, plus n_shared_expert always-on
+    # ones (DeepSeek-style); the router's load-balancing loss (Switch/Mixtral) and z-loss (ST-MoE)
+    # join the training loss with these weights (see MoE and RouterLoss)
+    n_expert: int = 0
+    n_expert_active: int = 2
+    n_shared_expert: int = 0
+    router_aux_coef: float = 0.01
+    router_z_coef: float = 0.0
 
     @property
     def padded_vocab_size(self) -> int:
@@ -102,6 +111,12 @@ class ModelConfig:
             (self.head_dim % 2 != 0, f"head_dim n_embd/n_head = {self.head_dim} is odd", "RoPE rotates pairs"),
             (self.attn_impl not in ATTN_IMPLS, f"attn_impl {self.attn_impl!r} is unknown", f"use one of {ATTN_IMPLS}"),
             (not 0.0 <= self.dropout < 1.0, f"dropout {self.dropout} is outside [0, 1)", ""),
+            (self.n_expert < 0 or self.n_shared_expert < 0, "n_expert and n_shared_expert must not be negative", ""),
+            (self.n_expert > 0 and not 1 <= self.n_expert_active <= self.n_expert,
+             f"n_expert_active {self.n_expert_active} is outside 1..n_expert ({self.n_expert})", "top-k picks k of the experts"),
+            (self.n_expert == 0 and self.n_shared_expert > 0, "n_shared_expert needs routed experts",
+             "set n_expert > 0, or leave both 0 for a dense MLP"),
+            (min(self.router_aux_coef, self.router_z_coef) < 0, "router_aux_coef and router_z_coef must not be negative", ""),
         ]
         for bad, what, fix in problems:
             if bad:
@@ -170,17 +185,104 @@ def resolve_attn_impl(impl: str, q: torch.Tensor) -> str:
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul. `hidden` (default
+    config.hidden_size) is widened for MoE's shared experts."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hidden: int = 0):
         super().__init__()
-        self.gate_up = nn.Linear(config.n_embd, 2 * config.hidden_size, bias=False)
-        self.down = nn.Linear(config.hidden_size, config.n_embd, bias=False)
+        hidden = hidden or config.hidden_size
+        self.gate_up = nn.Linear(config.n_embd, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.dropout(self.down(F.silu(gate) * up))
+
+
+class RouterLoss(torch.autograd.Function):
+    """How the router's losses join every script's training loss without changing a value: the
+    forward returns y as it is; the backward passes y's gradient through and gives `loss` the
+    gradient `scale`, which is what adding scale * loss to the script's loss would have done.
+    Pretraining, SFT, DPO and RL thus all train the router whatever they make of the logits, and
+    the per-token NLL that DPO's log-probs and eval's bits per character read stays pure cross
+    entropy (DeepSeek-V2's AddAuxiliaryLoss works the same way). `scale` is the factor the script
+    puts on its own loss before backward: 1 / grad_accum, times the fp16 GradScaler's scale (the
+    trainer keeps it current with Transformer.set_router_loss_scale; 1 for a plain loss.backward())."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (scale,) = ctx.saved_tensors
+        return grad_y, scale.float().clone(), None
+
+
+class MoE(nn.Module):
+    """Token-choice top-k mixture of SwiGLU experts, written to be read:
+
+    1. the router scores every expert for every token (in fp32); each token keeps the softmax
+       weights of its k best experts, renormalised to sum to 1;
+    2. the N * k (token, expert) choices are sorted by expert, so each expert's tokens form one
+       slice of the gathered rows, and each expert runs on its slice (one no token chose runs on an
+       empty slice: its gradient is then zeros rather than missing, which DDP needs);
+    3. each output, times its weight, is added back onto its token's row (index_add_).
+    Shared experts run on every token, as one MLP n_shared_expert times as wide (the same sum).
+
+    A fused version keeps step 2's sorted layout but replaces the loop over experts by one grouped
+    GEMM over all slices (torch._grouped_mm, megablocks) that reads the counts on the device; here
+    counts.tolist() waits for the device once per layer and each expert is its own small matmul.
+    Expert parallelism would turn the sort into an all-to-all between the GPUs holding the experts.
+
+    In a training forward (grad enabled), the Switch load-balancing loss E * sum_e f_e * P_e (f_e:
+    expert e's share of the N * k choices, P_e: its mean router probability; 1 when either is
+    uniform, E / k when every token goes to the same k experts) and the ST-MoE z-loss mean(logsumexp(logits)^2), with
+    their coefficients and averaged over layers, go into the backward through RouterLoss; their
+    values and the tokens per expert are summed in self.stats for Transformer.router_stats()."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList([MLP(config) for _ in range(config.n_expert)])
+        self.shared = MLP(config, config.n_shared_expert * config.hidden_size) if config.n_shared_expert else None
+        # the factor on the router losses' gradient (see RouterLoss); a buffer so that changing it
+        # does not recompile a torch.compile'd model
+        self.register_buffer("loss_scale", torch.ones(()), persistent=False)
+        self.stats: torch.Tensor | None = None  # per expert: tokens; then aux, z, forwards
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, C) -> the router's fp32 logits (N, E), each token's k experts (N, k) and their
+        weights (N, k): the softmax over all experts, renormalised over the chosen k."""
+        logits = self.router(x).float()
+        weights, chosen = logits.softmax(dim=-1).topk(self.config.n_expert_active, dim=-1)
+        return logits, chosen, weights / weights.sum(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        E, k = self.config.n_expert, self.config.n_expert_active
+        x = x.reshape(B * T, C)
+        logits, chosen, weights = self.route(x)
+        flat = chosen.flatten()                               # (N * k,) the expert of each choice
+        order = flat.argsort(stable=True)                     # choices grouped by expert
+        rows = order // k                                     # the token of each sorted choice
+        counts = torch.bincount(flat, minlength=E)            # tokens per expert
+        slices = x[rows].split(counts.tolist())
+        out = torch.cat([expert(piece) for expert, piece in zip(self.experts, slices)])
+        y = torch.zeros(B * T, C, device=x.device).index_add_(0, rows, out.float() * weights.flatten()[order, None])
+        if self.shared is not None:
+            y = y + self.shared(x).float()
+        if self.training and torch.is_grad_enabled():
+            aux = E * (counts.float() / flat.numel() * logits.softmax(dim=-1).mean(dim=0)).sum()
+            z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+            loss = (self.config.router_aux_coef * aux + self.config.router_z_coef * z) / self.config.n_layer
+            y = RouterLoss.apply(y, loss, self.loss_scale)
+            stats = torch.cat([counts.float(), torch.stack([aux, z]).detach(), torch.ones(1, device=x.device)])
+            self.stats = stats if self.stats is None else self.stats + stats
+        return y.to(x.dtype).view(B, T, C)
 
 
 class Block(nn.Module):
@@ -189,7 +291,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = Attention(config, layer)
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None") -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache)
@@ -247,7 +349,7 @@ class Transformer(nn.Module):
         the stack (each of the 2 * n_layer branches adds its share). Norm gains start at 1."""
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            if name.endswith(("attn.proj.weight", "down.weight")):  # the MLP's, or each expert's
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
             elif p.dim() == 2:
                 nn.init.normal_(p, 0.0, std)
@@ -354,14 +456,22 @@ class Transformer(nn.Module):
     # sizes
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters per part; a tied head counts 0 (its matrix is the embedding's)."""
+        """Parameters per part (an MoE's router and experts are "mlp"); a tied head counts 0 (its
+        matrix is the embedding's); total; and active, those one token computes with: an MoE layer
+        runs n_expert_active of its n_expert routed experts (dense: active == total)."""
         counts = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
         for name, p in self.named_parameters():  # shared tensors are listed once, under tok_emb
             part = ("embedding" if name.startswith("tok_emb") else "head" if name.startswith("lm_head") else
                     "attention" if ".attn." in name else "mlp" if ".mlp." in name else "norms")
             counts[part] += p.numel()
         counts["total"] = sum(counts.values())
+        counts["active"] = counts["total"] - self.idle_expert_params()
         return counts
+
+    def idle_expert_params(self) -> int:
+        """Parameters of the routed experts a token does not run: (n_expert - k) per MoE layer."""
+        c = self.config
+        return c.n_layer * max(0, c.n_expert - c.n_expert_active) * 3 * c.n_embd * c.hidden_size
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -371,10 +481,35 @@ class Transformer(nn.Module):
         6 * N for the matmuls, N = attention + MLP + LM-head matrices (the head's matmul runs
         whether or not it is tied; the embedding lookup and norms are not matmuls), plus
         12 * n_layer * n_embd * seq_len for QK^T and AV (full, not halved for the causal mask, as
-        the convention has it, so MFU compares with other reports)."""
+        the convention has it, so MFU compares with other reports). An MoE counts the router and
+        the experts a token runs (its active parameters), not the idle ones."""
         c = self.param_counts()
-        n = c["attention"] + c["mlp"] + self.config.padded_vocab_size * self.config.n_embd
+        n = c["attention"] + c["mlp"] - self.idle_expert_params() + self.config.padded_vocab_size * self.config.n_embd
         return 6 * n + 12 * self.config.n_layer * self.config.n_embd * seq_len
+
+    # ------------------------------------------------------------------------------------------
+    # mixture of experts: what the trainer reads and sets (no-ops for a dense model)
+
+    def router_stats(self) -> dict[str, torch.Tensor]:
+        """The routers' side of the training forwards since the last call, then a reset: aux_loss
+        and z_loss (means over layers and forwards, before their coefficients) and expert_frac
+        (n_layer, n_expert), each expert's share of its layer's choices: 1 / n_expert each when
+        balanced, one near 1 when routing has collapsed. {} for a dense model or before any."""
+        moes = [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
+        if not moes or moes[0].stats is None:
+            return {}
+        stats = torch.stack([m.stats for m in moes])          # (n_layer, n_expert + 3)
+        for m in moes:
+            m.stats = None
+        counts, aux, z, forwards = stats[:, :-3], stats[:, -3], stats[:, -2], stats[:, -1]
+        return {"aux_loss": (aux / forwards).mean(), "z_loss": (z / forwards).mean(),
+                "expert_frac": counts / counts.sum(dim=-1, keepdim=True)}
+
+    def set_router_loss_scale(self, scale: float) -> None:
+        """The factor a training script puts on its loss before backward (see RouterLoss)."""
+        for block in self.blocks:
+            if isinstance(block.mlp, MoE):
+                block.mlp.loss_scale.fill_(scale)
 
     # ------------------------------------------------------------------------------------------
     # model directories
@@ -578,6 +713,9 @@ def main() -> None:
     print(f"{path}: vocab {config.vocab_size} (padded {config.padded_vocab_size}), {config.n_layer} layers, "
           f"n_embd {config.n_embd}, heads {config.n_head}/{config.n_kv_head} kv, ffn {config.hidden_size}, "
           f"block {config.block_size}, tied {config.tie_embeddings}")
+    if config.n_expert:
+        print(f"  mixture of experts: top-{config.n_expert_active} of {config.n_expert} experts of ffn "
+              f"{config.hidden_size}, {config.n_shared_expert} shared; active = the parameters one token runs")
     for part, n in counts.items():
         print(f"  {part:<10} {n:>13,}  {n / 1e6:8.2f}M")
     print(f"  training FLOPs/token at T={config.block_size}: {model.flops_per_token(config.block_size) / 1e6:.1f}M")

@@ -369,12 +369,13 @@ def reduce_step(dist: Dist, stop_requested: bool, **values: torch.Tensor) -> tup
     after the same step (a signal may reach only some of them) and all see the same NaN, at the
     cost of one sync per step."""
     device = next(iter(values.values())).device
-    flag = torch.tensor(float(stop_requested), device=device)
-    t = torch.stack([v.detach().float() for v in values.values()] + [flag])
+    flag = torch.tensor([float(stop_requested)], device=device)
+    t = torch.cat([v.detach().float().reshape(-1) for v in values.values()] + [flag])
     if dist.ddp:
         torch_dist.all_reduce(t)
-    *means, stops = t.tolist()
-    return {k: m / dist.world_size for k, m in zip(values, means)}, stops > 0
+    t = t.cpu() / dist.world_size  # one device sync; a value that is not a scalar (an MoE's tokens
+    parts = t.split([v.numel() for v in values.values()] + [1])  # per expert) comes back as a list
+    return {k: p.view(v.shape).tolist() for (k, v), p in zip(values.items(), parts)}, parts[-1].item() > 0
 
 
 def check_finite(loss: float, grad_norm: float, step: int, out_dir: str, dtype: torch.dtype) -> None:
@@ -457,10 +458,12 @@ def start_run(cfg: TrainConfig, model: Transformer, dist: Dist, tokenizer_path: 
     wrapped = torch.compile(model) if cfg.compile else model
     if dist.ddp:
         wrapped = DDP(wrapped, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    return Run(cfg, dist, dtype, autocast(dist.device, dtype), model, wrapped, optimizer, scaler, start_step,
-               tokenizer_path, flops_per_token or model.flops_per_token(model.config.block_size),
-               Logger(cfg.out_dir, dist, start_step, cfg.max_steps), StopFlag(verbose=dist.is_main),
-               clock=time.perf_counter())
+    run = Run(cfg, dist, dtype, autocast(dist.device, dtype), model, wrapped, optimizer, scaler, start_step,
+              tokenizer_path, flops_per_token or model.flops_per_token(model.config.block_size),
+              Logger(cfg.out_dir, dist, start_step, cfg.max_steps), StopFlag(verbose=dist.is_main),
+              clock=time.perf_counter())
+    set_router_loss_scale(run)
+    return run
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -480,11 +483,16 @@ def step_tail(run: Run, step: int, **values: torch.Tensor) -> dict[str, float]:
     """Everything between the last backward and the next step: unscale the fp16 gradients, clip,
     average `values` (the step's loss and whatever else the script logs) over ranks together with
     the stop flag, refuse a NaN, step the optimizer, clear the gradients. Returns the averaged
-    values and grad_norm; sets run.stop_now when any rank was asked to stop."""
+    values and grad_norm, and for an MoE model its router losses, the tokens per expert
+    (expert_frac, metrics.jsonl only) and expert_load: the busiest expert's share relative to an
+    even split (1 = balanced, n_expert / k when every token goes to the same k). Sets run.stop_now when any rank was asked to stop."""
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
     params = [p for p in run.raw_model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip or math.inf)
+    values = {**values, **run.raw_model.router_stats()}  # {} for a dense model
     stats, run.stop_now = reduce_step(run.dist, run.stop.requested, **values, grad_norm=norm)
+    if "expert_frac" in stats:
+        stats["expert_load"] = max(map(max, stats["expert_frac"])) * run.raw_model.config.n_expert
     try:
         check_finite(stats["loss"], stats["grad_norm"], step + 1, run.cfg.out_dir, run.dtype)
     except NanozhError:
@@ -492,8 +500,16 @@ def step_tail(run: Run, step: int, **values: torch.Tensor) -> dict[str, float]:
         raise
     run.scaler.step(run.optimizer)  # skipped by the fp16 scaler if a gradient overflowed
     run.scaler.update()
+    set_router_loss_scale(run)
     run.optimizer.zero_grad(set_to_none=True)
     return stats
+
+
+def set_router_loss_scale(run: Run) -> None:
+    """An MoE's router losses reach the gradients inside backward (model.RouterLoss), so they must
+    be scaled as the scripts scale their losses: by 1 / grad_accum (each script's loss is a mean
+    over its micro-steps) and by the fp16 GradScaler's current scale (1 when it is off)."""
+    run.raw_model.set_router_loss_scale(run.scaler.get_scale() / run.cfg.grad_accum)
 
 
 def evaluate(run: Run, step: int, evaluate_fn: typing.Callable[[], dict]) -> None:
@@ -797,7 +813,8 @@ class Logger:
     def log(self, step: int, **metrics) -> None:
         if not self.active:
             return
-        self.bar.write(" | ".join([f"step {step}"] + [_fmt(k, v) for k, v in metrics.items()]))
+        # lists (an MoE's tokens per expert and layer) are for metrics.jsonl, too long for the line
+        self.bar.write(" | ".join([f"step {step}"] + [_fmt(k, v) for k, v in metrics.items() if not isinstance(v, list)]))
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
