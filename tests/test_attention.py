@@ -1,9 +1,13 @@
 """The fused Triton attention kernel (attention.flash_attention) against the naive reference.
 
 Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1) in fp32; on a GPU the same tests run compiled, in bf16. Ground truth is the
-naive path in fp64. A kernel result passes when its error is within twice the error of the naive
-formula evaluated in the same dtype, plus a small floor: a tolerance that follows the dtype."""
+TRITON_INTERPRET=1) in fp32; on a GPU the same tests run compiled, in bf16, and also on head dim 128
+and sequences up to 4096 (GPU_CASES). NANOZH_TEST_DTYPE=fp16 (or bf16, fp32) picks another dtype:
+bench/gpu_check.py runs the file in bf16 and in fp16. Ground truth is the naive path in fp64. A
+kernel result passes when its error is within twice the error of the naive formula evaluated in
+the same dtype, plus a small floor: a tolerance that follows the dtype."""
+
+import os
 
 import pytest
 import torch
@@ -13,8 +17,10 @@ from attention import flash_attention, naive_attention
 from errors import NanozhError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3}[DTYPE]
+# the interpreter computes with numpy, which has fp16 but no bf16
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+    os.environ.get("NANOZH_TEST_DTYPE", "bf16" if DEVICE == "cuda" else "fp32")]
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}[DTYPE]
 
 # (B, H, H_kv, Tq, Tk, D, causal). Every value of every axis appears: T in {1, 17, 64, 130} (one
 # tile, ragged tails, tile-aligned, several tiles), Tq < Tk (prefill onto a KV cache, one-token
@@ -32,6 +38,18 @@ CASES = [
     (1, 2, 2, 1, 64, 32, True),
     (1, 2, 1, 33, 64, 32, False),
 ]
+# Compiled on a GPU the same axes at real sizes: head dim 128, thousands of keys, ragged tails and
+# Tq < Tk far from tile edges. Too slow for the interpreter.
+GPU_CASES = [
+    (2, 8, 2, 1024, 1024, 128, True),
+    (1, 4, 4, 4096, 4096, 128, True),
+    (1, 4, 1, 4096, 4096, 64, False),
+    (1, 8, 2, 1000, 3000, 128, True),
+    (2, 4, 2, 2049, 2049, 128, False),
+    (4, 8, 2, 1, 4096, 128, True),
+]
+if DEVICE == "cuda":
+    CASES += GPU_CASES
 
 
 def make_inputs(B: int, H: int, H_kv: int, Tq: int, Tk: int, D: int, scale: float = 1.0, seed: int = 0):
@@ -125,22 +143,24 @@ def test_training_step_with_triton_matches_sdpa():
     # one forward/backward/SGD step of a small GQA model, attention through the dispatcher
     import model
 
+    amp = DTYPE if DEVICE == "cuda" else torch.float32  # the CPU runs the model in fp32
+
     def step(impl: str) -> tuple[float, dict[str, torch.Tensor], float]:
         torch.manual_seed(0)
         config = model.ModelConfig(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, block_size=48, attn_impl=impl)
         net = model.Transformer(config).to(DEVICE)
         opt = torch.optim.SGD(net.parameters(), lr=0.5)
         idx = torch.randint(0, 96, (2, 41), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-        with torch.autocast(DEVICE, torch.bfloat16, enabled=DEVICE == "cuda"):
+        with torch.autocast(DEVICE, amp, enabled=amp != torch.float32):
             _, loss = net(idx[:, :-1], idx[:, 1:])
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
         opt.step()
-        with torch.no_grad(), torch.autocast(DEVICE, torch.bfloat16, enabled=DEVICE == "cuda"):
+        with torch.no_grad(), torch.autocast(DEVICE, amp, enabled=amp != torch.float32):
             _, loss_after = net(idx[:, :-1], idx[:, 1:])
         return loss.item(), grads, loss_after.item()
 
-    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[DTYPE]
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}[amp]
     loss_t, grads_t, after_t = step("triton")
     loss_s, grads_s, after_s = step("sdpa")
     assert abs(loss_t - loss_s) <= tol * abs(loss_s)
@@ -149,3 +169,25 @@ def test_training_step_with_triton_matches_sdpa():
     for name, g in grads_s.items():
         rel = (grads_t[name] - g).norm() / g.norm()
         assert rel <= tol, f"{name}: relative gradient difference {rel:.2e}"
+
+
+KERNELS = {"fwd": attention._fwd_kernel, "dkdv": attention._bwd_dkdv_kernel, "dq": attention._bwd_dq_kernel}
+CONFIGS = [(kernel, config) for kernel, tuner in KERNELS.items() for config in tuner.configs]
+
+
+def config_name(kernel: str, config) -> str:
+    return f"{kernel}-M{config.kwargs['BLOCK_M']}-N{config.kwargs['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
+
+
+@pytest.mark.parametrize("kernel,config", CONFIGS, ids=[config_name(*kc) for kc in CONFIGS])
+def test_every_autotune_config_matches_naive_fp64(kernel, config, monkeypatch):
+    # Autotuning keeps the fastest config and drops any that fails to compile (too much shared
+    # memory on this GPU, say), so a broken config hides behind the others until a GPU or shape
+    # picks it. Alone in its list, a config is used without tuning, and a failure names it.
+    monkeypatch.setattr(KERNELS[kernel], "configs", [config])
+    # causal GQA with Tq < Tk, and non-causal, both ragged; tile-sized under the interpreter
+    shapes = [(1, 4, 2, 70, 201, 128, True), (2, 2, 1, 130, 130, 128, False)] if DEVICE == "cuda" else \
+             [(1, 2, 1, 20, 50, 32, True), (1, 2, 2, 33, 33, 32, False)]
+    for B, H, H_kv, Tq, Tk, D, causal in shapes:
+        q, k, v, do = make_inputs(B, H, H_kv, Tq, Tk, D, seed=Tq)
+        assert_matches_reference(q, k, v, do, causal, run(flash_attention, q, k, v, do, causal, DTYPE))
