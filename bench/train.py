@@ -6,13 +6,16 @@ sync, progress bar or logging), so that what the trainer adds shows as its overh
     python -m bench.train                                           # tiny preset on the CPU
     nice python -m bench.train --threads 1 --steps 30 --repeats 3   # steadier on a shared, busy CPU
     python -m bench.train --presets 26m,100m --attn triton,sdpa --compile 0,1 --batch_size 16   # a GPU
+    python -m bench.train --presets 26m --data out/data/pretrain --loops trainer --json rows.json  # real text
 
 Each measurement runs in its own process (peak memory and compile caches are per variant) on
 random tokens (speed does not depend on the text) and times each of --steps steps after --warmup
 steps; tokens/s comes from the median step time, and with --repeats the best repeat is kept (on a
 busy, shared machine the median and the best are the least disturbed numbers).
 MFU = Transformer.flops_per_token x tokens/s / the GPU's dense bf16 peak (trainer.PEAK_TFLOPS);
-there is no meaningful peak for a CPU, so it prints n/a there.
+there is no meaningful peak for a CPU, so it prints n/a there. The trainer loop's learning rate
+warms up over the --warmup steps and a few losses are logged, so on real text (--data) its first
+and last logged loss show whether the run learns; --json FILE writes the rows.
 """
 
 import argparse
@@ -33,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 import trainer
 from data.shards import SplitWriter, write_meta
+from files import read_jsonl, write_text_atomic
 from model import ModelConfig, Transformer, autocast, pick_dtype
 from train_pretrain import PretrainConfig, train
 
@@ -57,9 +61,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def trainer_loop(spec: dict, model_flags: list[str]) -> list[float]:
-    """Seconds per step of train_pretrain.train after the warmup steps. The clock reads at each
-    step's progress-bar update, so everything the loop does counts."""
+def trainer_loop(spec: dict, model_flags: list[str]) -> tuple[list[float], list[float]]:
+    """Seconds per step of train_pretrain.train after the warmup steps, and the logged losses. The
+    clock reads at each step's progress-bar update, so everything the loop does counts."""
     stamps = []
     update = trainer.Logger.update
     trainer.Logger.update = lambda self, steps=1: (stamps.append(time.perf_counter()), update(self, steps))
@@ -67,9 +71,12 @@ def trainer_loop(spec: dict, model_flags: list[str]) -> list[float]:
         cfg = trainer.parse_config(PretrainConfig, [
             *model_flags, f"--data={spec['data']}", f"--out_dir={out_dir}", f"--batch_size={spec['batch_size']}",
             f"--max_steps={spec['warmup'] + spec['steps']}", "--eval_every=0", "--save_every=1000000000",
-            f"--device={spec['device']}", f"--dtype={spec['dtype']}", f"--compile={spec['compile']}"])
+            f"--device={spec['device']}", f"--dtype={spec['dtype']}", f"--compile={spec['compile']}",
+            # full learning rate once timing starts; four logged losses (a log line syncs the device once)
+            f"--warmup_steps={spec['warmup']}", f"--log_every={max(1, spec['steps'] // 4)}"])
         train(cfg)
-    return list(np.diff(stamps[spec["warmup"] - 1:]))
+        losses = [r["loss"] for _, r in read_jsonl(Path(out_dir) / "metrics.jsonl") if "loss" in r]
+    return list(np.diff(stamps[spec["warmup"] - 1:])), losses
 
 
 def bare_loop(spec: dict, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> list[float]:
@@ -109,13 +116,14 @@ def child(spec: dict) -> dict:
     model_flags = [f"--model.{k}={v}" for k, v in model_settings.items() if k != "vocab_size"]
     dist = trainer.init_distributed(spec["device"])
     dtype = pick_dtype(spec["dtype"], dist.device)
-    step_times = (trainer_loop(spec, model_flags) if spec["loop"] == "trainer"
-                  else bare_loop(spec, config, dist.device, dtype))
+    step_times, losses = (trainer_loop(spec, model_flags) if spec["loop"] == "trainer"
+                          else (bare_loop(spec, config, dist.device, dtype), []))
     tok_s = spec["batch_size"] * config.block_size / float(np.median(step_times))
     with torch.device("meta"):
         flops_per_token = Transformer(config).flops_per_token(config.block_size)
     return {"tok_s": tok_s, "mfu": trainer.mfu(flops_per_token, tok_s, dist), "mem_gib": trainer.memory_gib(dist.device),
-            "block_size": config.block_size, "dtype": str(dtype).removeprefix("torch."), "device": str(dist.device)}
+            "block_size": config.block_size, "dtype": str(dtype).removeprefix("torch."), "device": str(dist.device),
+            "losses": losses}
 
 
 def measure(spec: dict) -> dict:
@@ -123,7 +131,10 @@ def measure(spec: dict) -> dict:
         cmd = [sys.executable, "-m", "bench.train", "--child", json.dumps(spec), "--result", result.name]
         run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         if run.returncode != 0:
-            return {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"}
+            sys.stderr.write(run.stderr)  # the whole traceback, for the log
+            # the last line that is not a progress bar's (tqdm redraws with carriage returns)
+            lines = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.strip() and "step/s]" not in line]
+            return {"error": lines[-1] if lines else f"exit {run.returncode}"}
         return json.loads(Path(result.name).read_text())
 
 
@@ -142,6 +153,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
     p.add_argument("--data", default="", help="a pretraining shard dir (default: random tokens in a temp dir)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -185,6 +197,10 @@ def main() -> None:
     print(f"\n{device} ({name}), torch {torch.__version__}; median of {args.steps} steps after {args.warmup}, "
           f"best of {args.repeats}; peak mem = max CUDA allocated, or the process's max RSS on the CPU")
     print("command: python -m bench.train " + " ".join(sys.argv[1:]))
+    if args.json:
+        rows = [{"preset": preset, "attn": attn, "compile": compile_, "loop": loop, "batch_size": args.batch_size, **r}
+                for (preset, attn, compile_, loop), r in best.items()]
+        write_text_atomic(args.json, json.dumps({"gpu": name, "torch": torch.__version__, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
