@@ -2,12 +2,14 @@
 KV cache (randomly initialised weights: speed does not depend on what was learned).
 
     python -m bench.sample                                   # tiny and 26m on the CPU
-    python -m bench.sample --presets tiny,26m,100m --device cuda --dtype bfloat16
+    python -m bench.sample --presets tiny,26m,100m --device cuda --dtype bfloat16 --batch 1,8
     nice python -m bench.sample --threads 1                  # steadier on a shared, busy CPU
 
-Decode is greedy, batch 1, from a --prompt_len prompt to --new_tokens new tokens. Without the cache
+Decode is greedy, from a --prompt_len prompt to --new_tokens new tokens, for each --batch size (8
+sequences decoded together: 8 concurrent streams; tokens/s counts all of them). Without the cache
 every step re-runs the whole sequence, so its cost grows with the square of the length; with it
-each step runs one token against the cached keys and values.
+each step runs one token against the cached keys and values. Weights are fp32 and --dtype is the
+autocast dtype, as in sample.py. --json FILE also writes the rows.
 """
 
 import argparse
@@ -21,7 +23,8 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from model import KVCache, ModelConfig, Transformer
+from files import write_text_atomic
+from model import KVCache, ModelConfig, Transformer, autocast
 
 
 def sync(device: torch.device) -> None:
@@ -57,6 +60,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--batch", default="1", help="decode batch sizes (concurrent streams), comma-separated")
+    p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,22 +75,29 @@ def main() -> None:
         block_size = max(settings["block_size"], args.prompt_len + args.new_tokens, args.prefill_len)
         config = ModelConfig.from_dict({**settings, "vocab_size": args.vocab_size, "block_size": block_size},
                                        where=f"configs/{name}.json")
-        model = Transformer(config).to(device=device, dtype=dtype).eval()
-        prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), device=device)
+        model = Transformer(config).to(device).eval()
         long_prompt = torch.randint(0, config.vocab_size, (1, args.prefill_len), device=device)
-        decode_tokens_per_s(model, prompt, 8, use_cache=True)  # warm-up: allocator, kernels, threads
-        prefill = args.prefill_len / min(prefill_seconds(model, long_prompt) for _ in range(3))
-        cached = decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=True)
-        uncached = decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=False)
-        rows.append((name, model.num_params() / 1e6, prefill, cached, uncached))
+        with autocast(device, dtype):
+            prefill = None
+            for batch in [int(b) for b in args.batch.split(",")]:
+                prompt = torch.randint(0, config.vocab_size, (batch, args.prompt_len), device=device)
+                decode_tokens_per_s(model, prompt, 8, use_cache=True)  # warm-up: allocator, kernels, threads
+                prefill = prefill or args.prefill_len / min(prefill_seconds(model, long_prompt) for _ in range(3))
+                cached = batch * decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=True)
+                uncached = batch * decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=False)
+                rows.append((name, model.num_params() / 1e6, batch, prefill, cached, uncached))
 
     command = "python " + " ".join(sys.argv)
-    print(f"\n{command}\n{args.device} {args.dtype}, {torch.get_num_threads()} threads, batch 1, greedy, "
+    print(f"\n{command}\n{args.device} {args.dtype}, {torch.get_num_threads()} threads, greedy, "
           f"decode {args.prompt_len} -> {args.prompt_len + args.new_tokens} tokens, prefill {args.prefill_len} tokens")
-    print("| preset | params | prefill tok/s | decode tok/s, KV cache | decode tok/s, no cache | cache speed-up |")
-    print("|---|---|---|---|---|---|")
-    for name, params, prefill, cached, uncached in rows:
-        print(f"| {name} | {params:.1f}M | {prefill:,.0f} | {cached:,.1f} | {uncached:,.1f} | {cached / uncached:.1f}x |")
+    print("| preset | params | batch | prefill tok/s | decode tok/s, KV cache | decode tok/s, no cache | cache speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for name, params, batch, prefill, cached, uncached in rows:
+        print(f"| {name} | {params:.1f}M | {batch} | {prefill:,.0f} | {cached:,.1f} | {uncached:,.1f} | {cached / uncached:.1f}x |")
+    if args.json:
+        keys = ("preset", "params_m", "batch", "prefill_tok_s", "decode_tok_s", "decode_no_cache_tok_s")
+        write_text_atomic(args.json, json.dumps({"device": args.device, "dtype": args.dtype, "command": command,
+                                                 "rows": [dict(zip(keys, r)) for r in rows]}, indent=1))
 
 
 if __name__ == "__main__":
