@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole nanozh pipeline on the bundled corpus, in about 11 minutes on a 2-core CPU (the GPU
 # is used when there is one): tokenizer -> shards -> pretrain -> SFT -> DPO -> bits per
-# character -> a chat answer.
+# character -> training curves (OUT/curves.png) and a report of the run (OUT/report.md) -> a chat answer.
 #
 #   bash quickstart.sh           # run every stage; a finished stage is skipped, a killed one resumes
 #   bash quickstart.sh --redo    # start over
@@ -123,39 +123,16 @@ train dpo train_dpo.py --init_from "$OUT/sft/latest" --data "$OUT/data/dpo" \
     --max_steps 100 --batch_size 4 --lr 5e-5 --min_lr 5e-6 --warmup_steps 10 --eval_every 50 --save_every 50 --log_every 10
 bpc dpo
 
-# 6. the summary table, then a chat answer from the final model
-$PY - "$OUT" <<'EOF'
-import subprocess, sys
-from pathlib import Path
-from files import read_jsonl
-out = Path(sys.argv[1])
-def values(stage: str, key: str) -> list:
-    path = out / stage / "metrics.jsonl"
-    return [r[key] for _, r in read_jsonl(path) if key in r] if path.exists() else []
-def start_end(stage: str, key: str) -> str:
-    v = values(stage, key)
-    return f"{v[0]:.3f} -> {v[-1]:.3f}" if v else "-"
-print(f"\n{'stage':<14}{'time':>7}  {'train loss':>10}  {'val loss (start -> end)':>24}  {'bpc':>6}")
-total = 0
-for stage in ["tokenizer", "data_pretrain", "data_sft", "data_dpo", "pretrain", "sft", "dpo"]:
-    seconds = int((out / "times" / stage).read_text())
-    total += seconds
-    loss = values(stage, "loss")
-    bpc = out / "bpc" / stage
-    print(f"{stage:<14}{seconds:>6}s  {f'{loss[-1]:.3f}' if loss else '-':>10}  {start_end(stage, 'val_loss'):>24}"
-          f"  {f'{float(bpc.read_text()):.3f}' if bpc.exists() else '-':>6}")
-print(f"{'total':<14}{total:>6}s")
-print(f"DPO on the validation pairs: reward margin {start_end('dpo', 'val_margin')}, "
-      f"reward accuracy {start_end('dpo', 'val_reward_acc')} (ties count as wrong at the start)")
-print("bpc: bits per character on data/corpus/heldout.parquet (lower is better)")
-# the numbers change whenever the code or its defaults do: say which code made these
-commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-print(f"made by commit {commit or '(not a git checkout)'} of nanozh")
-EOF
+# 6. the curves of the three training stages, then the summary table and OUT/report.md (machine,
+#    times, losses, bpc, DPO margin and accuracy, curves, greedy answers to fixed prompts: diff two
+#    reports to compare two runs or two commits), then a sampled chat answer from the final model
+$PY plot.py "$OUT/pretrain" "$OUT/sft" "$OUT/dpo" --out "$OUT/curves.png"
+echo
+$GUARD $PY report.py "$OUT"
 QUESTION="你好，你是谁？"
 echo
 echo "用户: $QUESTION"
 echo -n "nanozh: "
 $GUARD $PY sample.py --model "$OUT/dpo/latest" --prompt "$QUESTION" --temperature 0.7 --top_k 20 --repetition_penalty 1.2 \
     --max_new_tokens 120 --seed 0
-echo "quickstart: stages took $((SECONDS - T0))s in all (outputs in $OUT)"
+echo "quickstart: stages took $((SECONDS - T0))s in all (outputs in $OUT; curves in $OUT/curves.png, report in $OUT/report.md)"

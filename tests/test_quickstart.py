@@ -103,7 +103,7 @@ def test_a_whole_run_with_fake_tools_calls_every_stage(repo):
     assert result.returncode == 0, result.stderr
     log = "\n".join(calls(repo))
     for script in ["data.train_tokenizer", "data.prepare --kind dpo", "train_pretrain.py", "train_sft.py",
-                   "train_dpo.py", "sample.py"]:
+                   "train_dpo.py", "plot.py", "report.py", "sample.py"]:
         assert script in log
     assert "--resume" not in log  # nothing to resume in a fresh directory
 
