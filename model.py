@@ -171,7 +171,12 @@ class Attention(nn.Module):
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # all keys so far; the new queries are the last T
-        y = attention(q, k, v, causal=True, impl=resolve_attn_impl(self.attn_impl, q))
+        if cache is not None and cache.mask is not None:
+            # rows at different positions (continuous batching): each row's own causal mask, which
+            # only sdpa takes (the Triton kernel assumes one length for every row)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=H != Hkv)
+        else:
+            y = attention(q, k, v, causal=True, impl=resolve_attn_impl(self.attn_impl, q))
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, H * D)))
 
 
@@ -302,19 +307,51 @@ class KVCache:
     """Keys and values of every layer for `batch_size` sequences of up to `max_len` positions.
 
     Each layer's (B, n_kv_head, max_len, head_dim) buffers are allocated at its first write, in the
-    dtype attention computes in (the weights' dtype, or the autocast dtype). `pos` counts the filled
-    positions; the model advances it after each forward."""
+    dtype attention computes in (the weights' dtype, or the autocast dtype). Two ways to fill it:
+    - every row at the same position (generate): `pos` counts the filled positions; the model
+      advances it after each forward;
+    - each row at its own position (serve.py's continuous batching, where a request joins or
+      leaves the batch at any step): `lengths[row]` counts that row's filled positions, and a
+      forward with `rows` continues just those rows (see Transformer.forward)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int):
         self.shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k: list[torch.Tensor | None] = [None] * config.n_layer
         self.v: list[torch.Tensor | None] = [None] * config.n_layer
         self.pos = 0
+        self.lengths = [0] * batch_size
+        # set only during a forward with rows: the rows, their new tokens' positions (B, T), the
+        # keys they read (end) and the attention mask (B, 1, T, end)
+        self.rows: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.end = 0
+        self.mask: torch.Tensor | None = None
+
+    def begin_rows(self, rows: list[int], T: int, device: torch.device) -> torch.Tensor:
+        """Start a forward that continues each of `rows` by T tokens; returns their positions (B, T)."""
+        starts = torch.tensor([self.lengths[r] for r in rows], device=device)
+        self.rows = torch.tensor(rows, device=device)
+        self.positions = starts[:, None] + torch.arange(T, device=device)
+        self.end = max(self.lengths[r] for r in rows) + T
+        # query t of row b sees keys 0 .. positions[b, t]: its own past, never the keys past its
+        # length (padding for a shorter row, or what the row's previous request left behind)
+        self.mask = torch.arange(self.end, device=device) <= self.positions[:, None, :, None]
+        return self.positions
+
+    def end_rows(self, rows: list[int], T: int) -> None:
+        for r in rows:
+            self.lengths[r] += T
+        self.rows = self.positions = self.mask = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is None:
             self.k[layer] = k.new_zeros(self.shape)
             self.v[layer] = v.new_zeros(self.shape)
+        if self.rows is not None:
+            # row b's T new keys go to positions[b]; advanced indexing puts the (B, T) index dims first
+            self.k[layer][self.rows[:, None], :, self.positions] = k.transpose(1, 2)
+            self.v[layer][self.rows[:, None], :, self.positions] = v.transpose(1, 2)
+            return self.k[layer][self.rows, :, :self.end], self.v[layer][self.rows, :, :self.end]
         end = self.pos + k.shape[2]
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
@@ -365,25 +402,34 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | None = None, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T): logits (B, T, vocab_size) and the fp32 cross entropy over positions whose
         target is not -1, as a mean (reduction="mean") or per position (reduction="none", (B, T), 0
         where ignored: sum it under a mask for DPO log-probs or eval NLL). Without targets: logits of
         the last position only, (B, 1, vocab_size), loss None: generation needs nothing more.
-        With a cache, idx continues the cached sequence: positions start at cache.pos.
+        With a cache, idx continues the cached sequence: positions start at cache.pos. With a cache
+        and rows (one cache row per row of idx), each row continues its own cached sequence from
+        cache.lengths[row]: the rows of a continuous batch, each at its own position.
         Logits cover the tokenizer's vocab_size only, never the padding rows."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise user_error("model", f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}",
+        start = cache.pos if cache is not None and rows is None else 0
+        end = max(cache.lengths[r] for r in rows) + T if rows is not None else start + T
+        if end > self.config.block_size:
+            raise user_error("model", f"sequence of {end} tokens is longer than block_size {self.config.block_size}",
                              "use shorter sequences or a model with a larger block_size")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if rows is not None:
+            pos = cache.begin_rows(rows, T, idx.device)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D/2): per row
+        else:
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.tok_emb(idx)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
-        if cache is not None:
+        if rows is not None:
+            cache.end_rows(rows, T)
+        elif cache is not None:
             cache.pos += T
         x = self.norm(x)
         V = self.config.vocab_size
