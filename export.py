@@ -58,7 +58,6 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from errors import NanozhError, exit_on_user_error, user_error
-from files import atomic_path, write_text_atomic
 from model import DTYPES, ModelConfig, Transformer, load
 from tokenizer.tokenizer import META_SPACE, SPECIALS, Tokenizer
 
@@ -151,14 +150,25 @@ def nanozh_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig, where: s
         return hf.pop(name).float()
 
     def pad_rows(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() != 2 or t.shape[0] != config.vocab_size:
+            raise user_error(where, f"a vocabulary matrix has shape {tuple(t.shape)}, not ({config.vocab_size}, ...)",
+                             "the config and weights come from different models")
         return torch.cat([t, t.new_zeros(config.padded_vocab_size - t.shape[0], t.shape[1])])
 
     out = {"tok_emb.weight": pad_rows(take("model.embed_tokens.weight")), "norm.weight": take("model.norm.weight")}
     if not config.tie_embeddings:
         out["lm_head.weight"] = pad_rows(take("lm_head.weight"))
+    elif "lm_head.weight" in hf:  # some tied checkpoints store the head anyway: it must be the embedding
+        if not torch.equal(pad_rows(take("lm_head.weight")), out["tok_emb.weight"]):
+            raise user_error(where, "tie_word_embeddings is true but lm_head.weight differs from the embedding",
+                             "set tie_word_embeddings to false in config.json")
     for i in range(config.n_layer):
         for name, hf_names in LAYER_NAMES:
-            out[f"blocks.{i}.{name}"] = torch.cat([take(f"model.layers.{i}.{n}") for n in hf_names])
+            parts = [take(f"model.layers.{i}.{n}") for n in hf_names]
+            if len({p.shape[1:] for p in parts}) > 1:
+                raise user_error(where, f"layer {i}'s {', '.join(hf_names)} have shapes {[tuple(p.shape) for p in parts]}",
+                                 "the weights are damaged")
+            out[f"blocks.{i}.{name}"] = torch.cat(parts)
     if hf:
         raise user_error(where, f"tensors nanozh's Llama has no place for: {sorted(hf)[:3]}",
                          "nanozh models have no biases and no extra layers")
@@ -227,7 +237,8 @@ def write_hf(model: Transformer, tok: Tokenizer, out: Path, dtype: str) -> None:
     c = model.config
     state = {k: v.to(DTYPES[dtype]) for k, v in tqdm(hf_state_dict(model).items(), desc="weights", unit=" tensors")}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    dump = lambda name, obj: write_text_atomic(out / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    # plain writes: the whole directory is renamed into place once complete
+    dump = lambda name, obj: (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
     dump("config.json", hf_config(c, tok, dtype))
     dump("generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": [tok.im_end_id, tok.eos_id],
                                     "pad_token_id": tok.pad_id})
@@ -385,7 +396,13 @@ def import_hf(hf_dir: Path, out: Path) -> Transformer:
     tok = Tokenizer(hf_dir / "tokenizer.model")  # checks nanozh's special tokens at ids 0..5
     config = config_from_hf(raw, str(config_path), tok)
     model = Transformer(config)
-    model.load_state_dict(nanozh_state_dict(read_hf_weights(hf_dir), config, str(hf_dir)), strict=not config.tie_embeddings)
+    state = nanozh_state_dict(read_hf_weights(hf_dir), config, str(hf_dir))
+    for name, t in state.items():
+        want = model.state_dict()[name].shape
+        if t.shape != want:
+            raise user_error(hf_dir, f"{name} has shape {tuple(t.shape)} but config.json implies {tuple(want)}",
+                             "the config and weights come from different models")
+    model.load_state_dict(state, strict=not config.tie_embeddings)  # a tied head is the embedding
     model.save(out)
     shutil.copyfile(tok.path, out / "tokenizer.model")
     return model
@@ -394,22 +411,21 @@ def import_hf(hf_dir: Path, out: Path) -> Transformer:
 # ----------------------------------------------------------------------------------------------
 
 def written_aside(out: Path, write):
-    """write(tmp) on a temp file or directory beside `out`, renamed to `out` once whole (removed if
-    write fails); returns what write returns."""
+    """write(tmp) into a temp directory beside `out` (tmp is that directory, or for a .gguf file a
+    path in it), then renamed to `out` once whole; the temp directory goes in any case. Returns what
+    write returns."""
     if out.exists():
         raise user_error(out, "already exists", "remove it or choose another --out")
-    if out.suffix == ".gguf":
-        with atomic_path(out) as tmp:
-            return write(tmp)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp_dir = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    tmp = tmp_dir / out.name if out.suffix == ".gguf" else tmp_dir
     try:
         result = write(tmp)
         tmp.rename(out)
         return result
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def size_of(path: Path) -> int:

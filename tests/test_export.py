@@ -198,6 +198,10 @@ def test_import_refuses_missing_or_foreign_files(tmp_path, capsys):
     (src / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     assert "not a valid sentencepiece model" in user_error(["--from", "hf", "--model", str(src), "--out", str(tmp_path / "o")], capsys)
     shutil.copyfile(TOKENIZER, src / "tokenizer.model")
+    raw = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(raw, intermediate_size=192)))
+    assert "mlp.gate_up.weight has shape (320, 64) but config.json implies (384, 64)" in user_error(
+        ["--from", "hf", "--model", str(src), "--out", str(tmp_path / "o")], capsys)
     (src / "model.safetensors").write_bytes(b"\x00" * 10)
     assert "cannot be read" in user_error(["--from", "hf", "--model", str(src), "--out", str(tmp_path / "o")], capsys)
     (src / "model.safetensors").unlink()
