@@ -314,10 +314,17 @@ def build_model(cfg, tokenizer_path: Path, device: torch.device) -> Transformer:
 def data_tokenizer(cfg, kind: str) -> Path:
     """The tokenizer.model of the shard directory cfg.data (of `kind`: pretrain, sft, dpo), after
     checking that it is the tokenizer of the model in cfg.init_from: token ids from another
-    vocabulary would train without error into nonsense. SFT and DPO need an --init_from."""
+    vocabulary would train without error into nonsense. SFT, DPO and GRPO need an --init_from. GRPO
+    (kind "grpo") reads text prompts, not shards: its tokenizer is the --init_from model's own."""
     if kind != "pretrain" and not cfg.init_from:
         raise user_error("command line", "--init_from is required", f"pass the model directory to start from, "
                          f"e.g. --init_from {'out/pretrain/latest' if kind == 'sft' else 'out/sft/latest'}")
+    model_tok_path = Path(cfg.init_from) / "tokenizer.model"
+    if cfg.init_from and not model_tok_path.is_file():
+        what = "missing" if Path(cfg.init_from).is_dir() else "no such model directory"
+        raise user_error(model_tok_path, what, "--init_from takes a model directory written by training")
+    if kind == "grpo":
+        return model_tok_path
     if not cfg.data:
         raise user_error("command line", "--data is required", f"a shard directory of python -m data.prepare --kind {kind}")
     read_meta(cfg.data, kind)  # a clear error for a missing directory or one of another kind
@@ -325,10 +332,6 @@ def data_tokenizer(cfg, kind: str) -> Path:
     if not data_tok_path.is_file():
         raise user_error(data_tok_path, "missing", "a shard directory holds the tokenizer.model that made it")
     if cfg.init_from:
-        model_tok_path = Path(cfg.init_from) / "tokenizer.model"
-        if not model_tok_path.is_file():
-            what = "missing" if Path(cfg.init_from).is_dir() else "no such model directory"
-            raise user_error(model_tok_path, what, "--init_from takes a model directory written by training")
         data_tok, model_tok = Tokenizer(data_tok_path), Tokenizer(model_tok_path)
         if data_tok.sha256 != model_tok.sha256:
             raise user_error(data_tok_path, f"the data was tokenized with another tokenizer than the model in "
@@ -829,3 +832,4 @@ class Logger:
         self.bar.close()
         if self.active and summary:
             print(summary)
+
