@@ -5,6 +5,7 @@
     python export.py --model out/sft/latest --to gguf --out out/m.gguf           # llama.cpp, ollama
     python export.py --model out/sft/latest --to gguf --out out/m-q8.gguf --dtype q8_0
     python export.py --from hf --model path/to/llama --out out/imported           # then --init_from it
+    python export.py --merge --model out/sft_lora/latest --out out/sft_merged     # LoRA adapters folded in (lora.py)
 
 nanozh's model is a Llama, so nothing is approximated: weights are renamed and split (our fused
 qkv and gate_up matrices become q/k/v_proj and gate/up_proj), and the rows that pad the vocabulary
@@ -57,6 +58,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import lora
 from errors import NanozhError, exit_on_user_error, user_error
 from model import DTYPES, ModelConfig, Transformer, load
 from tokenizer.tokenizer import META_SPACE, SPECIALS, Tokenizer
@@ -437,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     mode = p.add_mutually_exclusive_group(required=True)  # one mode per run
     mode.add_argument("--to", choices=["hf", "gguf"], help="export a nanozh model directory")
     mode.add_argument("--from", dest="source", choices=["hf"], help="import a transformers Llama directory")
+    mode.add_argument("--merge", action="store_true", help="a LoRA adapter directory -> a plain model directory")
     p.add_argument("--model", required=True, help="the model directory to read")
     p.add_argument("--out", required=True, help="the directory (hf, import) or .gguf file to write; must not exist")
     p.add_argument("--dtype", default=None, help=f"hf: {', '.join(DTYPES)} (default float32); "
@@ -444,7 +447,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     t0, out = time.time(), Path(args.out)
     try:
-        if args.source == "hf":
+        if args.merge:
+            model = written_aside(out, lambda tmp: lora.merge_dir(args.model, tmp))
+            what = "model directory with the LoRA adapters merged"
+        elif args.source == "hf":
             if args.dtype:
                 raise user_error("--dtype", "an import is always float32", "leave --dtype out")
             model = written_aside(out, lambda tmp: import_hf(Path(args.model), tmp))

@@ -2,7 +2,7 @@
 
     python train_sft.py --init_from out/pretrain/latest --data out/data/sft --out_dir out/sft_lora --lora_rank 8
     python train_dpo.py --init_from out/sft/latest --data out/data/dpo --out_dir out/dpo_lora --lora_rank 8
-    python lora.py --merge --model out/sft_lora/latest --out out/sft_merged
+    python lora.py --merge --model out/sft_lora/latest --out out/sft_merged   # = python export.py --merge ...
 
 A LoRA layer keeps a linear layer's weight W (out x in) frozen and learns a low-rank change of it:
 
@@ -231,14 +231,15 @@ def merge(model: Transformer) -> Transformer:
     return merged.train(model.training)
 
 
-def merge_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the merged model of an adapter directory to out_dir, a plain model directory."""
+def merge_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Transformer:
+    """Write the merged model of an adapter directory to out_dir, a plain model directory; returns it."""
     if not is_adapter_dir(adapter_dir):
         raise user_error(adapter_dir, f"no {ADAPTER_CONFIG} here: not an adapter directory", "pass OUT_DIR/latest of a LoRA run")
     out_dir = Path(out_dir)
-    merge(load(adapter_dir)).save(out_dir)
+    merged = merge(load(adapter_dir))
+    merged.save(out_dir)
     shutil.copyfile(Path(adapter_dir) / "tokenizer.model", out_dir / "tokenizer.model")
-    return out_dir
+    return merged
 
 
 def main() -> None:
@@ -248,10 +249,10 @@ def main() -> None:
     p.add_argument("--out", required=True, help="the model directory to write")
     args = p.parse_args()
     try:
-        out = merge_dir(args.model, args.out)
+        merge_dir(args.model, args.out)
     except NanozhError as e:
         exit_on_user_error(e)
-    print(f"merged {args.model} into {out}")
+    print(f"merged {args.model} into {args.out}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_training_changes_only_the_adapters(sft_run, init_model):
 
 def test_merged_model_computes_base_plus_adapters(sft_run, init_model, tmp_path):
     out = tmp_path / "merged"
-    result = subprocess.run([sys.executable, "lora.py", "--merge", "--model", str(sft_run / "latest"), "--out", str(out)],
+    result = subprocess.run([sys.executable, "export.py", "--merge", "--model", str(sft_run / "latest"), "--out", str(out)],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert not (out / "adapter_config.json").exists() and (out / "tokenizer.model").is_file()
