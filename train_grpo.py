@@ -372,7 +372,8 @@ def train(cfg: GRPOConfig) -> None:
             stats = trainer.step_tail(run, step, loss=sums[0], kl=sums[1], clip_frac=sums[2], **rollout_stats,
                                       sample_s=seconds[0], train_s=seconds[1])
         step += 1
-        stats = {k: stats[k] for k in (*STEP_STATS, "grad_norm")}  # the log line in a fixed order
+        # the log line in a fixed order, then what the trainer adds (an MoE's router stats)
+        stats = {**{k: stats[k] for k in (*STEP_STATS, "grad_norm")}, **stats}
         if trainer.after_step(run, step, stats, lr, int(positions.item()) * cfg.ppo_epochs,
                               evaluate if has_eval else None):
             break
