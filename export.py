@@ -119,7 +119,8 @@ def check_exportable(config: ModelConfig, where: str) -> None:
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's weights under transformers' LlamaForCausalLM names, vocabulary rows cut to the
-    tokenizer's vocab_size; a tied head is left out (transformers ties it from the config)."""
+    tokenizer's vocab_size; a tied head is left out (transformers ties it from the config). Weights
+    a Llama has no place for (an unmerged adapter's, say) are an error."""
     c = model.config
     V, D = c.vocab_size, c.head_dim
     sizes = {"attn.qkv.weight": [c.n_head * D, c.n_kv_head * D, c.n_kv_head * D],
@@ -127,15 +128,22 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     ours = dict(model.state_dict())
     if c.tie_embeddings:
         ours.pop("lm_head.weight")
-    out = {"model.embed_tokens.weight": ours.pop("tok_emb.weight")[:V], "model.norm.weight": ours.pop("norm.weight")}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in ours:
+            raise user_error("--model", f"no tensor {name}: this is not a plain nanozh model",
+                             "merge an adapter first (python export.py --merge)")
+        return ours.pop(name)
+
+    out = {"model.embed_tokens.weight": take("tok_emb.weight")[:V], "model.norm.weight": take("norm.weight")}
     if not c.tie_embeddings:
-        out["lm_head.weight"] = ours.pop("lm_head.weight")[:V]
+        out["lm_head.weight"] = take("lm_head.weight")[:V]
     for i in range(c.n_layer):
         for name, hf_names in LAYER_NAMES:
-            t = ours.pop(f"blocks.{i}.{name}")
+            t = take(f"blocks.{i}.{name}")
             for hf_name, part in zip(hf_names, t.split(sizes.get(name, [t.shape[0]]))):
                 out[f"model.layers.{i}.{hf_name}"] = part
-    if ours:  # e.g. an adapter's low-rank matrices
+    if ours:
         raise user_error("--model", f"weights a Llama checkpoint cannot hold: {sorted(ours)[:3]}",
                          "merge an adapter first (python export.py --merge)")
     return {k: v.detach().contiguous() for k, v in out.items()}

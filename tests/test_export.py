@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import export
+import lora
 from model import ModelConfig, Transformer, load, load_model
 from tokenizer.tokenizer import Tokenizer
 
@@ -221,6 +222,10 @@ def test_export_refuses_bad_arguments_and_unrepresentable_models(tmp_path, capsy
         assert what in user_error(["--model", str(model)] + argv, capsys)
     assert "model directory not found" in user_error(["--model", str(tmp_path / "nope"), "--to", "hf", "--out",
                                                       str(tmp_path / "x")], capsys)
+    # weights a Llama has no place for (LoRA adapters not merged) are refused, not dropped
+    with_lora = lora.add_adapters(load_model(model), lora.Adapter(4, 8.0, 0.0, ["qkv"], str(model), ""))
+    with pytest.raises(export.NanozhError, match=r"cannot hold: \['blocks.0.attn.qkv.lora_A'.*export.py --merge"):
+        export.hf_state_dict(with_lora)
     # a ModelConfig setting that a Llama cannot hold (here a made-up field) is refused, not dropped
     Extended = dataclasses.make_dataclass("Extended", [("n_expert", int, 0)], bases=(ModelConfig,))
     monkeypatch.setattr(export, "ModelConfig", Extended)
