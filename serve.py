@@ -563,13 +563,13 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     scheduler.thread.start()
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True).start()
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"nanozh: serving {args.model} ({model.num_params() / 1e6:.1f}M parameters, {device}, max_batch "
           f"{args.max_batch}) at http://{host}:{server.server_port}/ (OpenAI base_url http://{host}:"
           f"{server.server_port}/v1)", flush=True)
     t0 = time.time()
-    while not stop.wait(0.5):
+    while not stop.wait(0.1):
         pass
     server.shutdown()  # no new connections; then the requests in flight get --grace seconds
     scheduler.drain(args.grace)
