@@ -100,10 +100,12 @@ GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weig
               "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
               "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
-# ModelConfig fields a Llama checkpoint holds, and those that do not change what the model computes
+# ModelConfig fields a Llama checkpoint holds...
 LLAMA_FIELDS = {"vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size", "rope_theta",
                 "norm_eps", "tie_embeddings", "init_std"}
-INFERENCE_FREE = {"attn_impl", "dropout"}
+# ...and those that change nothing a dense model computes: the MoE settings other than n_expert
+# act only when n_expert > 0, which check_exportable refuses; the router's loss weights only train
+INFERENCE_FREE = {"attn_impl", "dropout", "n_expert_active", "n_shared_expert", "router_aux_coef", "router_z_coef"}
 
 
 def check_exportable(config: ModelConfig, where: str) -> None:

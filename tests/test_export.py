@@ -226,13 +226,19 @@ def test_export_refuses_bad_arguments_and_unrepresentable_models(tmp_path, capsy
     with_lora = lora.add_adapters(load_model(model), lora.Adapter(4, 8.0, 0.0, ["qkv"], str(model), ""))
     with pytest.raises(export.NanozhError, match=r"cannot hold: \['blocks.0.attn.qkv.lora_A'.*export.py --merge"):
         export.hf_state_dict(with_lora)
-    # a ModelConfig setting that a Llama cannot hold (here a made-up field) is refused, not dropped
-    Extended = dataclasses.make_dataclass("Extended", [("n_expert", int, 0)], bases=(ModelConfig,))
+    # a ModelConfig setting that a Llama cannot hold is refused, not dropped: a mixture of experts...
+    moe = tmp_path / "moe"
+    Transformer(ModelConfig(vocab_size=16000, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, n_expert=2)).save(moe)
+    shutil.copyfile(TOKENIZER, moe / "tokenizer.model")
+    assert "n_expert=2 has no equivalent in a Llama" in user_error(["--model", str(moe), "--to", "gguf", "--out",
+                                                                   str(tmp_path / "moe.gguf")], capsys)
+    # ...and any field added to ModelConfig after export.py (here a made-up one)
+    Extended = dataclasses.make_dataclass("Extended", [("sliding_window", int, 0)], bases=(ModelConfig,))
     monkeypatch.setattr(export, "ModelConfig", Extended)
-    with pytest.raises(export.NanozhError, match=r"n_expert=8 has no equivalent in a Llama checkpoint"):
-        export.check_exportable(Extended(vocab_size=100, n_expert=8), "config.json")
+    with pytest.raises(export.NanozhError, match=r"sliding_window=8 has no equivalent in a Llama checkpoint"):
+        export.check_exportable(Extended(vocab_size=100, sliding_window=8), "config.json")
     export.check_exportable(Extended(vocab_size=100), "config.json")  # at its default it changes nothing
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_tie1", "taken"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_tie1", "moe", "taken"]
 
 
 # ----------------------------------------------------------------------------------------------
