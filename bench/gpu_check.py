@@ -134,27 +134,29 @@ def stages(args: argparse.Namespace, work: Path) -> list[Stage]:
 
 def run_stage(stage: Stage, timeout: float, log_path: Path) -> dict:
     """Run one stage's command in its own process group, its output appended to log_path; kill the
-    group at the timeout. Returns status (ok, failed, timeout), exit code, seconds and the output's
-    last lines."""
+    group when the command ends (whatever it left running: serve.py's servers, compile workers), at
+    the timeout, or when this process is stopped. Returns status (ok, failed, timeout), exit code,
+    seconds and the output's last lines."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **stage.env}
     with open(log_path, "ab") as log:
         log.write(f"\n===== {stage.name} (time box {timeout:.0f} s): {shlex.join(stage.cmd)}\n".encode())
         log.flush()
         start, t0, cpu0 = log.tell(), time.monotonic(), children_cpu()
+        # a process group, not a session: whoever stops this run's session stops the stage's too
         proc = subprocess.Popen(stage.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, preexec_fn=os.setpgrp)
+        code = None
         try:
             code = proc.wait(timeout=timeout)
             status = "ok" if code == 0 else "failed"
         except subprocess.TimeoutExpired:
-            code, status = None, "timeout"
-        finally:  # the children too (bench.train's measurement, pytest's workers, compile workers)
-            if proc.poll() is None or status == "timeout":
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+            status = "timeout"
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
         seconds, cpu = time.monotonic() - t0, children_cpu() - cpu0
     with open(log_path, "rb") as log:
         log.seek(start)
@@ -179,6 +181,20 @@ def read_result(stage: Stage) -> dict:
     if stage.result.suffix == ".xml":
         return junit(stage.result)
     return json.loads(stage.result.read_text())
+
+
+def with_result(stage: Stage, record: dict) -> dict:
+    """The record of a finished stage with the numbers it wrote; a stage that writes no file (data,
+    serve) reports in what it printed."""
+    try:
+        record["result"] = read_result(stage) if stage.result else {"output": record["tail"][-12:]}
+    except (ValueError, ET.ParseError) as e:
+        record["result"], record["status"] = {}, "failed"
+        record["tail"].append(f"gpu_check: unreadable result {stage.result.name}: {e}")
+    # bench.train records a failed variant in its rows and exits 0
+    if stage.name.startswith("train") and any("error" in row for row in record["result"].get("rows", [])):
+        record["status"] = "failed"
+    return record
 
 
 def junit(path: Path) -> dict:
@@ -338,25 +354,23 @@ def main() -> None:
             "command": "bash bench/gpu_check.sh " + shlex.join(sys.argv[1:])}
     if args.dry_run:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # small CPUs: see DEVELOPERS.md
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as Ctrl-C does
     results: list[dict] = []
+    stopped = False
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         plan = stages(args, Path(tmp))
         for i, stage in enumerate(plan):
             left = deadline - time.monotonic()
             print(f"gpu_check [{i + 1}/{len(plan)}] {stage.name} ...", flush=True)
-            if left < MIN_SECONDS:
+            if stopped:
+                record = {"status": "skipped", "reason": "the run was stopped"}
+            elif left < MIN_SECONDS:
                 record = {"status": "skipped", "reason": f"budget spent ({left:.0f} s of {args.budget:.0f} s left)"}
             else:
-                record = run_stage(stage, min(stage.box, left), out / "log.txt")
                 try:
-                    # a stage that writes no file (data, serve) reports in what it printed
-                    record["result"] = read_result(stage) if stage.result else {"output": record["tail"][-12:]}
-                except (ValueError, ET.ParseError) as e:
-                    record["result"], record["status"] = {}, "failed"
-                    record["tail"] = record["tail"] + [f"gpu_check: unreadable result {stage.result.name}: {e}"]
-                # bench.train records a failed variant in its rows and exits 0
-                if stage.name.startswith("train") and any("error" in row for row in record["result"].get("rows", [])):
-                    record["status"] = "failed"
+                    record = with_result(stage, run_stage(stage, min(stage.box, left), out / "log.txt"))
+                except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the stage was killed; the rest are skipped
+                    record, stopped = {"status": "stopped"}, True
             record = {"stage": stage.name, **record, "command": shlex.join(stage.cmd), "at": time.time()}
             if record["status"] == "ok":
                 record.pop("tail", None)

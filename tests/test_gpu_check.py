@@ -4,6 +4,7 @@ stage that fails or hangs is recorded as such, killed with its children, and the
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,26 @@ def test_stages_past_the_budget_are_skipped_and_recorded(tmp_path, monkeypatch):
     assert [r["status"] for r in got.values()] == ["skipped", "skipped"]
     assert "budget spent" in got["second"]["reason"]
     assert "| second | skipped |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_stopped_run_kills_its_stage_and_records_the_rest_as_skipped(tmp_path):
+    # what the device's time limit does: SIGTERM to the check while a stage (and its child) runs
+    pid_file, out = tmp_path / "grandchild.pid", tmp_path / "out"
+    hang = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)")
+    script = ("import sys\nfrom bench import gpu_check\n"
+              f"plan = [gpu_check.Stage('hangs', 120, [sys.executable, '-c', {hang!r}]), "
+              "gpu_check.Stage('next', 30, [sys.executable, '-c', 'pass'])]\n"
+              "gpu_check.stages = lambda args, work: plan\n"
+              f"sys.argv = ['gpu_check', '--out', {str(out)!r}]\n"
+              "gpu_check.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.terminate()
+    assert proc.wait(timeout=30) == 1
+    got = records(out)
+    assert [(name, r["status"]) for name, r in got.items()] == [("hangs", "stopped"), ("next", "skipped")]
+    assert not alive(int(pid_file.read_text()))
