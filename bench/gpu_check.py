@@ -186,6 +186,9 @@ def read_result(stage: Stage) -> dict:
 def with_result(stage: Stage, record: dict) -> dict:
     """The record of a finished stage with the numbers it wrote; a stage that writes no file (data,
     serve) reports in what it printed."""
+    if stage.result and not stage.result.exists() and record["status"] == "ok":
+        record["status"] = "failed"
+        record["tail"].append(f"gpu_check: the stage wrote no {stage.result.name}")
     try:
         record["result"] = read_result(stage) if stage.result else {"output": record["tail"][-12:]}
     except (ValueError, ET.ParseError) as e:
