@@ -164,7 +164,7 @@ def run_stage(stage: Stage, timeout: float, log_path: Path) -> dict:
     # progress bars redraw with carriage returns: keep their last state only
     lines = [line.rsplit("\r", 1)[-1] for line in output.splitlines()]
     return {"status": status, "exit_code": code, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
-            "tail": [l for l in lines if l.strip()][-25:]}
+            "tail": [line for line in lines if line.strip()][-25:]}
 
 
 def children_cpu() -> float:
@@ -204,7 +204,7 @@ def junit(path: Path) -> dict:
     """Counts, and the name and message of every failed test, from pytest's JUnit XML."""
     root = ET.parse(path).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
-    failed = [{"test": case.get("name"), "message": (bad.get("message") or "").splitlines()[0][:300] if bad.get("message") else ""}
+    failed = [{"test": case.get("name"), "message": (bad.get("message") or "").split("\n")[0][:300]}
               for case in root.iter("testcase") for bad in case if bad.tag in ("failure", "error")]
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],

@@ -110,3 +110,24 @@ def test_a_stopped_run_kills_its_stage_and_records_the_rest_as_skipped(tmp_path)
     got = records(out)
     assert [(name, r["status"]) for name, r in got.items()] == [("hangs", "stopped"), ("next", "skipped")]
     assert not alive(int(pid_file.read_text()))
+
+
+def test_failing_kernel_tests_are_named_in_the_results(tmp_path, monkeypatch):
+    # how a broken autotune config reaches the summary: pytest's JUnit XML, read back by test name
+    (tmp_path / "test_fake.py").write_text(
+        "import pytest\n\ndef test_fine():\n    pass\n\n"
+        "@pytest.mark.parametrize('config', ['fwd-M128-N128-w8-s3'])\n"
+        "def test_every_autotune_config(config):\n    raise AssertionError('out of resource: shared memory')\n")
+    xml = tmp_path / "kernels.xml"
+    plan = [gpu_check.Stage("kernels-bf16", 60, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                                 str(tmp_path / "test_fake.py"), f"--junitxml={xml}"], {}, xml)]
+    monkeypatch.setattr(gpu_check, "stages", lambda args, work: plan)
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        gpu_check.main()
+    record = records(tmp_path / "out")["kernels-bf16"]
+    assert record["status"] == "failed" and record["result"]["passed"] == 1
+    assert record["result"]["failed"] == [{"test": "test_every_autotune_config[fwd-M128-N128-w8-s3]",
+                                           "message": "AssertionError: out of resource: shared memory"}]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "1 passed, 1 failed: test_every_autotune_config[fwd-M128-N128-w8-s3]" in summary
