@@ -265,7 +265,8 @@ def headline(name: str, r: dict) -> str:
         if "error" in row:
             return f"error: {row['error'][:200]}"
         mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-        loss = f"{row['losses'][0]:.2f} -> {row['losses'][-1]:.2f}" if row["losses"] else "-"
+        first, last = (row["losses"][0], row["losses"][-1]) if row["losses"] else (0, 0)
+        loss = f"{first:.2f} -> {last:.2f} ({'falls' if last < first else 'does not fall'})" if row["losses"] else "-"
         return f"{row['tok_s']:,.0f} tok/s, MFU {mfu}, {row['mem_gib']:.1f} GiB, loss {loss}"
     if name == "sample" and res.get("rows"):
         return "; ".join(f"{row['preset']} x{row['batch']}: {row['decode_tok_s']:,.0f} tok/s" for row in res["rows"])
