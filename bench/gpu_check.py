@@ -60,6 +60,7 @@ REFERENCE = {
     "attention": "FlashAttention-2 on an H100: ~330 TFLOP/s forward+backward, causal, d128",
     "train": "nanochat: 41-46% MFU at this scale; the loss falls",
     "sample": "8 streams decode well over 3x the tokens/s of one",
+    "serve": "8 clients get well over 3x the tokens/s of one",
 }
 
 
@@ -265,8 +266,9 @@ def headline(name: str, r: dict) -> str:
         if "error" in row:
             return f"error: {row['error'][:200]}"
         mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-        first, last = (row["losses"][0], row["losses"][-1]) if row["losses"] else (0, 0)
-        loss = f"{first:.2f} -> {last:.2f} ({'falls' if last < first else 'does not fall'})" if row["losses"] else "-"
+        losses = row["losses"]
+        loss = (f"{losses[0]:.2f} -> {losses[-1]:.2f} ({'falls' if losses[-1] < losses[0] else 'does not fall'})"
+                if losses else "-")
         return f"{row['tok_s']:,.0f} tok/s, MFU {mfu}, {row['mem_gib']:.1f} GiB, loss {loss}"
     if name == "sample" and res.get("rows"):
         return "; ".join(f"{row['preset']} x{row['batch']}: {row['decode_tok_s']:,.0f} tok/s" for row in res["rows"])
