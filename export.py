@@ -360,7 +360,7 @@ def config_from_hf(raw: dict, where: str, tok: Tokenizer) -> ModelConfig:
     need("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0) == 1.0, "nanozh rotates the whole head")
     need("quantization_config", "quantization_config" not in raw, "import the unquantised model")
     n_embd, n_head = raw["hidden_size"], raw["num_attention_heads"]
-    need("head_dim", raw.get("head_dim") in (None, n_embd // n_head), f"nanozh's head_dim is hidden_size/heads")
+    need("head_dim", raw.get("head_dim") in (None, n_embd // n_head), "nanozh's head_dim is hidden_size/heads")
     need("vocab_size", raw["vocab_size"] == tok.vocab_size, f"tokenizer.model has {tok.vocab_size} pieces")
     defaults = ModelConfig(n_embd=n_embd)
     return ModelConfig.from_dict({
