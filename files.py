@@ -28,6 +28,11 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    # mkstemp makes the file private (0600); the file it replaces is an ordinary one that other
+    # accounts (a vLLM or ollama service user) must be able to read: the umask decides, as for open()
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
         if fsync:

@@ -1,6 +1,8 @@
 """files.py and errors.py: a write is all or nothing, a JSONL problem names its file and line, and
 every user error is exactly one line."""
 
+import os
+
 import pytest
 
 from errors import NanozhError, user_error
@@ -15,6 +17,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
         raise RuntimeError("killed mid-write")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_a_written_file_has_the_permissions_open_would_give_it(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "config.json", "{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
 
 
 def test_jsonl_round_trips_chinese_and_names_a_bad_line(tmp_path):
