@@ -7,6 +7,8 @@ sync, progress bar or logging), so that what the trainer adds shows as its overh
     nice python -m bench.train --threads 1 --steps 30 --repeats 3   # steadier on a shared, busy CPU
     python -m bench.train --presets 26m,100m --attn triton,sdpa --compile 0,1 --batch_size 16   # a GPU
     python -m bench.train --presets 26m --data out/data/pretrain --loops trainer --json rows.json  # real text
+    python -m bench.train --presets tiny,moe-tiny --data out/data/pretrain --loops trainer --steps 300 --eval 1 --lr 3e-3
+                          # dense vs mixture of experts of the same active parameters: validation loss after the same tokens
 
 Each measurement runs in its own process (peak memory and compile caches are per variant) on
 random tokens (speed does not depend on the text) and times each of --steps steps after --warmup
@@ -15,7 +17,8 @@ busy, shared machine the median and the best are the least disturbed numbers).
 MFU = Transformer.flops_per_token x tokens/s / the GPU's dense bf16 peak (trainer.PEAK_TFLOPS);
 there is no meaningful peak for a CPU, so it prints n/a there. The trainer loop's learning rate
 warms up over the --warmup steps and a few losses are logged, so on real text (--data) its first
-and last logged loss show whether the run learns; --json FILE writes the rows.
+and last logged loss show whether the run learns; --eval 1 adds the validation loss after the last
+step (eval_tokens of the val split, the same for every preset); --json FILE writes the rows.
 """
 
 import argparse
@@ -61,22 +64,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def trainer_loop(spec: dict, model_flags: list[str]) -> tuple[list[float], list[float]]:
-    """Seconds per step of train_pretrain.train after the warmup steps, and the logged losses. The
-    clock reads at each step's progress-bar update, so everything the loop does counts."""
+def trainer_loop(spec: dict, model_flags: list[str]) -> tuple[list[float], list[float], float | None]:
+    """Seconds per step of train_pretrain.train after the warmup steps, the logged losses and, with
+    spec["eval"], the validation loss after the last step. The clock reads at each step's
+    progress-bar update, so everything the loop does counts (not that final evaluation)."""
     stamps = []
     update = trainer.Logger.update
     trainer.Logger.update = lambda self, steps=1: (stamps.append(time.perf_counter()), update(self, steps))
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = trainer.parse_config(PretrainConfig, [
             *model_flags, f"--data={spec['data']}", f"--out_dir={out_dir}", f"--batch_size={spec['batch_size']}",
-            f"--max_steps={spec['warmup'] + spec['steps']}", "--eval_every=0", "--save_every=1000000000",
+            f"--max_steps={spec['warmup'] + spec['steps']}", "--save_every=1000000000", f"--lr={spec['lr']}",
+            f"--eval_every={spec['warmup'] + spec['steps'] if spec['eval'] else 0}",
             f"--device={spec['device']}", f"--dtype={spec['dtype']}", f"--compile={spec['compile']}",
             # full learning rate once timing starts; four logged losses (a log line syncs the device once)
             f"--warmup_steps={spec['warmup']}", f"--log_every={max(1, spec['steps'] // 4)}"])
         train(cfg)
-        losses = [r["loss"] for _, r in read_jsonl(Path(out_dir) / "metrics.jsonl") if "loss" in r]
-    return list(np.diff(stamps[spec["warmup"] - 1:])), losses
+        records = [r for _, r in read_jsonl(Path(out_dir) / "metrics.jsonl")]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    return list(np.diff(stamps[spec["warmup"] - 1:])), [r["loss"] for r in records if "loss" in r], (val or [None])[-1]
 
 
 def bare_loop(spec: dict, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> list[float]:
@@ -116,12 +122,13 @@ def child(spec: dict) -> dict:
     model_flags = [f"--model.{k}={v}" for k, v in model_settings.items() if k != "vocab_size"]
     dist = trainer.init_distributed(spec["device"])
     dtype = pick_dtype(spec["dtype"], dist.device)
-    step_times, losses = (trainer_loop(spec, model_flags) if spec["loop"] == "trainer"
-                          else (bare_loop(spec, config, dist.device, dtype), []))
+    step_times, losses, val_loss = (trainer_loop(spec, model_flags) if spec["loop"] == "trainer"
+                                    else (bare_loop(spec, config, dist.device, dtype), [], None))
     tok_s = spec["batch_size"] * config.block_size / float(np.median(step_times))
     with torch.device("meta"):
-        flops_per_token = Transformer(config).flops_per_token(config.block_size)
-    return {"tok_s": tok_s, "mfu": trainer.mfu(flops_per_token, tok_s, dist), "mem_gib": trainer.memory_gib(dist.device),
+        model = Transformer(config)
+    flops_per_token = model.flops_per_token(config.block_size)
+    return {"tok_s": tok_s, "val_loss": val_loss, "active": model.param_counts()["active"], "mfu": trainer.mfu(flops_per_token, tok_s, dist), "mem_gib": trainer.memory_gib(dist.device),
             "block_size": config.block_size, "dtype": str(dtype).removeprefix("torch."), "device": str(dist.device),
             "losses": losses}
 
@@ -154,6 +161,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0 = torch's default)")
     p.add_argument("--data", default="", help="a pretraining shard dir (default: random tokens in a temp dir)")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--eval", type=int, default=0, help="1: the trainer loop's validation loss after its last step")
+    p.add_argument("--lr", type=float, default=6e-4, help="the trainer loop's peak learning rate")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -170,7 +179,8 @@ def main() -> None:
             data = str(Path(tmp) / "shards")
             random_shards(Path(data), n_tokens=1 << 21)
         base = {"data": data, "batch_size": args.batch_size, "block_size": args.block_size, "steps": args.steps,
-                "warmup": args.warmup, "device": args.device, "dtype": args.dtype, "threads": args.threads}
+                "warmup": args.warmup, "device": args.device, "dtype": args.dtype, "threads": args.threads,
+                "eval": args.eval, "lr": args.lr}
         rows = []
         runs = [(v, loop) for v in variants for loop in args.loops.split(",")] * args.repeats
         for (preset, attn, compile_), loop in tqdm(runs, desc="bench.train", file=sys.stderr):
@@ -181,17 +191,19 @@ def main() -> None:
     for key, r in rows:  # best of the repeats
         if key not in best or r.get("tok_s", 0) > best[key].get("tok_s", 0):
             best[key] = r
-    print("\n| preset | attn | compile | loop | dtype | batch x block | tokens/s | MFU | peak mem | trainer overhead |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| preset | active params | attn | compile | loop | dtype | batch x block | tokens/s | MFU | peak mem | "
+          "trainer overhead | val loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (preset, attn, compile_, loop), r in best.items():
         if "error" in r:
-            print(f"| {preset} | {attn} | {compile_} | {loop} | | | error: {r['error']} | | | |")
+            print(f"| {preset} | | {attn} | {compile_} | {loop} | | | error: {r['error']} | | | | |")
             continue
         bare = best.get((preset, attn, compile_, "bare"), {})
         overhead = f"{100 * (1 - r['tok_s'] / bare['tok_s']):+.1f}%" if loop == "trainer" and "tok_s" in bare else ""
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"| {preset} | {attn} | {compile_} | {loop} | {r['dtype']} | {args.batch_size} x {r['block_size']} | "
-              f"{r['tok_s']:,.0f} | {mfu} | {r['mem_gib']:.2f} GiB | {overhead} |")
+        val = "" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+        print(f"| {preset} | {r['active'] / 1e6:.2f}M | {attn} | {compile_} | {loop} | {r['dtype']} | "
+              f"{args.batch_size} x {r['block_size']} | {r['tok_s']:,.0f} | {mfu} | {r['mem_gib']:.2f} GiB | {overhead} | {val} |")
     device = next((r["device"] for _, r in best.items() if "device" in r), "?")
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"\n{device} ({name}), torch {torch.__version__}; median of {args.steps} steps after {args.warmup}, "
