@@ -832,4 +832,3 @@ class Logger:
         self.bar.close()
         if self.active and summary:
             print(summary)
-

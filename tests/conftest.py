@@ -9,6 +9,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,20 @@ def assert_same_state(a, b, where: str = "") -> None:
             assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def run_script(script: str, *args: str, launcher: tuple = ()) -> subprocess.CompletedProcess:
+    """Run ROOT/script with args as a user would (one OpenMP thread; launcher: e.g. torchrun's
+    command), and check that it succeeded."""
+    cmd = [*(launcher or [sys.executable]), str(ROOT / script), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def step_metrics(out_dir: Path, key: str = "loss") -> dict[int, dict]:
+    """The records of OUT_DIR/metrics.jsonl that hold `key`, by step."""
+    from files import read_jsonl
+
+    return {m["step"]: m for _, m in read_jsonl(out_dir / "metrics.jsonl") if key in m}

@@ -9,7 +9,6 @@ for an SFT model), on 16 preference pairs: a right and a wrong answer to 8 quest
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import train_dpo
 from data.prepare import main as prepare_main
 from errors import NanozhError
 from model import load_model
-from conftest import assert_same_state
+from conftest import assert_same_state, run_script, step_metrics as metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tokenizer" / "tokenizer.model"
@@ -51,17 +50,10 @@ def data(tmp_path_factory) -> Path:
 
 
 def train(data: Path, init: Path, out_dir: Path, *flags: str, launcher: tuple = ()) -> subprocess.CompletedProcess:
-    cmd = [*(launcher or [sys.executable]), str(ROOT / "train_dpo.py"), *FLAGS, f"--data={data}", f"--init_from={init}",
-           f"--out_dir={out_dir}", *flags]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_script("train_dpo.py", *FLAGS, f"--data={data}", f"--init_from={init}", f"--out_dir={out_dir}", *flags,
+                      launcher=launcher)
 
 
-def metrics(out_dir: Path, key: str = "loss") -> dict[int, dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m for m in map(json.loads, lines) if key in m}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ quarter of the time, so GRPO has both right and wrong answers in most groups to 
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import torch
 import trainer
 import train_grpo
 import train_sft
-from conftest import assert_same_state
+from conftest import assert_same_state, run_script, step_metrics as metrics
 from data.prepare import main as prepare_main
 from errors import NanozhError
 
@@ -68,17 +67,10 @@ def write_task(path: Path, questions: list[tuple[str, int]]) -> Path:
 
 
 def train(init: Path, task: Path, out_dir: Path, *flags: str, launcher: tuple = ()) -> subprocess.CompletedProcess:
-    cmd = [*(launcher or [sys.executable]), str(ROOT / "train_grpo.py"), *FLAGS, f"--init_from={init}",
-           f"--task={task}", f"--out_dir={out_dir}", *flags]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_script("train_grpo.py", *FLAGS, f"--init_from={init}", f"--task={task}", f"--out_dir={out_dir}", *flags,
+                      launcher=launcher)
 
 
-def metrics(out_dir: Path, key: str = "loss") -> dict[int, dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m for m in map(json.loads, lines) if key in m}
 
 # -----------------------------------------------------------------------------
 # reward, task, loss

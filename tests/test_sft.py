@@ -10,7 +10,6 @@ faster; both are model directories with the shipped tokenizer.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from errors import NanozhError
 from model import load_model
 from tokenizer.tokenizer import Tokenizer
 from data.train_tokenizer import train as train_tokenizer, write_tokenizer
-from conftest import assert_same_state
+from conftest import assert_same_state, run_script, step_metrics as metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tokenizer" / "tokenizer.model"
@@ -72,17 +71,8 @@ def eight(tmp_path_factory) -> Path:
 
 
 def train(data: Path, init: Path, out_dir: Path, *flags: str, launcher: tuple = ()) -> subprocess.CompletedProcess:
-    cmd = [*(launcher or [sys.executable]), str(ROOT / "train_sft.py"), *FLAGS, f"--data={data}",
-           f"--init_from={init}", f"--out_dir={out_dir}", *flags]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def metrics(out_dir: Path) -> dict[int, dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m for m in map(json.loads, lines) if "loss" in m}
+    return run_script("train_sft.py", *FLAGS, f"--data={data}", f"--init_from={init}", f"--out_dir={out_dir}", *flags,
+                      launcher=launcher)
 
 
 def losses(out_dir: Path) -> dict[int, float]:

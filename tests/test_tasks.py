@@ -16,7 +16,6 @@ import tasks
 import train_sft
 from conftest import train_in_process
 from data.prepare import main as prepare_main
-from data.sources import iter_sft
 from errors import NanozhError
 
 ROOT = Path(__file__).resolve().parent.parent
