@@ -4,8 +4,8 @@
     python plot.py out/quickstart/pretrain out/quickstart/sft out/quickstart/dpo --out curves.png
 
 Panels: training loss (solid) and validation loss (dashed, dots) against steps and against
-tokens; bits per character where a run logged any (a key with "bpc" in it); learning rate; grad
-norm; tokens/s. Several runs are overlaid, one colour each, named by their directory. A run that
+tokens; bits per character where a run logged any (a key with "bpc" in it); GRPO's reward and
+accuracy and DPO's reward accuracy where logged; learning rate; grad norm; tokens/s. Several runs are overlaid, one colour each, named by their directory. A run that
 was killed and resumed logged some steps twice: the last value of each metric at each step is the
 one plotted. Tokens are the positions the model computed (padding included), summed over the log
 lines as steps x tok_s x ms per step, the two rates each line carries.
@@ -27,6 +27,8 @@ PANELS = [  # (title, metric keys drawn on it, x axis)
     ("loss", ["loss", "val_loss"], "step"),
     ("loss", ["loss", "val_loss"], "tokens"),
     ("bits per character", ["bpc"], "step"),  # any key with "bpc" in it
+    ("reward", ["reward", "acc", "val_reward", "val_acc"], "step"),  # GRPO: mean reward, accuracy
+    ("DPO reward accuracy", ["reward_acc", "val_reward_acc"], "step"),
     ("learning rate", ["lr"], "step"),
     ("grad norm", ["grad_norm"], "step"),
     ("tokens/s", ["tok_s"], "step"),

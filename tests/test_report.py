@@ -67,6 +67,17 @@ def test_several_runs_are_overlaid_with_their_names_and_the_png_is_written(tmp_p
     assert not any(ax.get_visible() and "bits per character" in ax.get_title() for ax in fig.axes)  # none logged
 
 
+def test_grpo_and_dpo_runs_get_their_reward_panels(tmp_path):
+    grpo = write_run(tmp_path / "grpo", [{"step": 1, "loss": 0.1, "reward": 0.3, "acc": 0.25},
+                                         {"step": 2, "loss": 0.1, "reward": 0.8, "acc": 0.75},
+                                         {"step": 2, "val_acc": 1.0}], False)
+    dpo = write_run(tmp_path / "dpo", [{"step": 1, "loss": 0.69, "reward_acc": 0.5}], False)
+    fig = plot.plot_runs({"grpo": plot.read_metrics(str(grpo)), "dpo": plot.read_metrics(str(dpo))})
+    assert series(fig, "reward vs step") == {"grpo reward": ([1, 2], [0.3, 0.8]), "grpo acc": ([1, 2], [0.25, 0.75]),
+                                             "grpo val_acc": ([2], [1.0])}
+    assert series(fig, "DPO reward accuracy vs step") == {"dpo reward_acc": ([1], [0.5])}
+
+
 def test_a_directory_without_metrics_or_a_line_without_a_step_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
