@@ -12,6 +12,10 @@ qkv and gate_up matrices become q/k/v_proj and gate/up_proj), and the rows that 
 to a multiple of 64 are dropped. Those rows never reach an output (nanozh's logits stop at the
 tokenizer's vocab_size; no id ever looks them up), and Hugging Face and llama.cpp both need the
 config's vocab_size to match the tokenizer and the weights; an import pads them back with zeros.
+A mixture of experts (n_expert > 0) is a Mixtral, whose router is ours (softmax over all experts,
+top-k, weights renormalised over the chosen k): --to hf writes it as MixtralForCausalLM, each
+expert under Mixtral's checkpoint names (w1, w3, w2 = gate, up, down). Shared experts
+(n_shared_expert > 0), which Mixtral lacks, and a mixture of experts in GGUF are refused.
 
 --to hf writes what AutoModelForCausalLM and AutoTokenizer load without custom code: config.json
 (LlamaForCausalLM), model.safetensors, generation_config.json (stops at <|im_end|> and </s>), our
@@ -100,33 +104,52 @@ GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weig
               "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
               "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
-# ModelConfig fields a Llama checkpoint holds...
+# ModelConfig fields a Llama checkpoint holds, those a Mixtral checkpoint adds (n_shared_expert
+# only at 0: Mixtral has no always-on expert)...
 LLAMA_FIELDS = {"vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size", "rope_theta",
                 "norm_eps", "tie_embeddings", "init_std"}
-# ...and those that change nothing a dense model computes: the MoE settings other than n_expert
-# act only when n_expert > 0, which check_exportable refuses; the router's loss weights only train
-INFERENCE_FREE = {"attn_impl", "dropout", "n_expert_active", "n_shared_expert", "router_aux_coef", "router_z_coef"}
+MIXTRAL_FIELDS = {"n_expert", "n_expert_active", "n_shared_expert"}
+# ...and those that change nothing a model computes (the router's loss weights only train)
+INFERENCE_FREE = {"attn_impl", "dropout", "router_aux_coef", "router_z_coef"}
 
 
-def check_exportable(config: ModelConfig, where: str) -> None:
-    """A ModelConfig setting that a Llama cannot hold (a field added to nanozh after this file,
-    such as a mixture of experts) must not be dropped silently: any such field away from its
-    default is an error."""
+def check_exportable(config: ModelConfig, where: str, to: str) -> None:
+    """A ModelConfig setting that the target cannot hold (a field added to nanozh after this file,
+    shared experts, any mixture of experts in GGUF) must not be dropped silently: it is an error."""
+    if config.n_expert and to == "gguf":
+        raise user_error(where, f"n_expert={config.n_expert} has no equivalent in a Llama checkpoint",
+                         "--to gguf writes dense models only; --to hf writes a mixture of experts as Mixtral")
+    if config.n_shared_expert:
+        raise user_error(where, f"n_shared_expert={config.n_shared_expert} has no equivalent in a Mixtral checkpoint",
+                         "export.py writes routed experts only")
     for f in fields(ModelConfig):
         value = getattr(config, f.name)
-        if f.name not in LLAMA_FIELDS | INFERENCE_FREE and value != f.default:
+        if f.name not in LLAMA_FIELDS | MIXTRAL_FIELDS | INFERENCE_FREE and value != f.default:
             raise user_error(where, f"{f.name}={value!r} has no equivalent in a Llama checkpoint",
-                             "export.py writes dense Llama models only")
+                             "export.py writes Llama and Mixtral models only")
+
+
+def layer_names(c: ModelConfig) -> list[tuple[str, list[str]]]:
+    """LAYER_NAMES, for a mixture of experts with Mixtral's MLP names: our router is its gate, and
+    each expert's gate, up and down projections are its w1, w3 and w2."""
+    if not c.n_expert:
+        return LAYER_NAMES
+    moe = [("mlp.router.weight", ["block_sparse_moe.gate.weight"])]
+    for j in range(c.n_expert):
+        e = f"block_sparse_moe.experts.{j}"
+        moe += [(f"mlp.experts.{j}.gate_up.weight", [f"{e}.w1.weight", f"{e}.w3.weight"]),
+                (f"mlp.experts.{j}.down.weight", [f"{e}.w2.weight"])]
+    return LAYER_NAMES[:4] + moe
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under transformers' LlamaForCausalLM names, vocabulary rows cut to the
-    tokenizer's vocab_size; a tied head is left out (transformers ties it from the config). Weights
-    a Llama has no place for (an unmerged adapter's, say) are an error."""
+    """The model's weights under the names of transformers' LlamaForCausalLM (MixtralForCausalLM for
+    a mixture of experts: one tensor per expert, as Mixtral checkpoints are saved), vocabulary rows
+    cut to the tokenizer's vocab_size; a tied head is left out (transformers ties it from the
+    config). Weights a Llama has no place for (an unmerged adapter's, say) are an error."""
     c = model.config
     V, D = c.vocab_size, c.head_dim
-    sizes = {"attn.qkv.weight": [c.n_head * D, c.n_kv_head * D, c.n_kv_head * D],
-             "mlp.gate_up.weight": [c.hidden_size, c.hidden_size]}
+    qkv_sizes = [c.n_head * D, c.n_kv_head * D, c.n_kv_head * D]
     ours = dict(model.state_dict())
     if c.tie_embeddings:
         ours.pop("lm_head.weight")
@@ -141,9 +164,10 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     if not c.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")[:V]
     for i in range(c.n_layer):
-        for name, hf_names in LAYER_NAMES:
+        for name, hf_names in layer_names(c):
             t = take(f"blocks.{i}.{name}")
-            for hf_name, part in zip(hf_names, t.split(sizes.get(name, [t.shape[0]]))):
+            parts = t.split(qkv_sizes) if name == "attn.qkv.weight" else t.chunk(len(hf_names))  # gate_up: halves
+            for hf_name, part in zip(hf_names, parts):
                 out[f"model.layers.{i}.{hf_name}"] = part
     if ours:
         raise user_error("--model", f"weights a Llama checkpoint cannot hold: {sorted(ours)[:3]}",
@@ -212,7 +236,12 @@ def hf_config(c: ModelConfig, tok: Tokenizer, dtype: str) -> dict:
         "attention_dropout": 0.0, "tie_word_embeddings": c.tie_embeddings, "initializer_range": c.init_std,
         "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
         "torch_dtype": dtype, "use_cache": True,
-    }
+    } | ({} if not c.n_expert else {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": c.n_expert,
+        "num_experts_per_tok": c.n_expert_active, "sliding_window": None, "router_jitter_noise": 0.0,
+        # only read when fine-tuning with output_router_logits; transformers pools all layers' tokens
+        # into one balance loss where nanozh averages the per-layer ones
+        "router_aux_loss_coef": c.router_aux_coef, "output_router_logits": False})
 
 
 def hf_tokenizer_json(tok: Tokenizer, where: str) -> dict:
@@ -473,10 +502,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.to == "gguf" and out.suffix != ".gguf":
                 raise user_error(out, "a GGUF file's name should end in .gguf", "e.g. --out out/model.gguf")
             model, tok = load(args.model)
-            check_exportable(model.config, str(Path(args.model) / "config.json"))
+            check_exportable(model.config, str(Path(args.model) / "config.json"), args.to)
             write = write_hf if args.to == "hf" else write_gguf
             written_aside(out, lambda tmp: write(model, tok, tmp, dtype))
-            what = f"{'LlamaForCausalLM directory' if args.to == 'hf' else 'GGUF file'} ({dtype})"
+            arch = "MixtralForCausalLM" if model.config.n_expert else "LlamaForCausalLM"
+            what = f"{arch + ' directory' if args.to == 'hf' else 'GGUF file'} ({dtype})"
     except NanozhError as e:
         exit_on_user_error(e)
     n = sum(t.numel() for t in hf_state_dict(model).values())

@@ -62,16 +62,20 @@ def heldout_texts() -> list[str]:
     return pq.read_table(ROOT / "data" / "corpus" / "heldout.parquet", columns=["text"]).column("text").to_pylist()
 
 
-def random_model(tmp_path: Path, tie: bool) -> Path:
-    """A small random nanozh model directory (GQA, the shipped tokenizer), norms away from 1."""
+def random_model(tmp_path: Path, tie: bool, n_expert: int = 0) -> Path:
+    """A small random nanozh model directory (GQA, the shipped tokenizer), norms away from 1; with
+    n_expert, a top-2 mixture of experts whose router is large enough that tokens really choose."""
     torch.manual_seed(1)
     model = Transformer(ModelConfig(vocab_size=Tokenizer(TOKENIZER).vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                                    n_embd=64, block_size=64, tie_embeddings=tie, rope_theta=500000.0))
+                                    n_embd=64, block_size=64, tie_embeddings=tie, rope_theta=500000.0,
+                                    n_expert=n_expert, n_expert_active=2, ffn_hidden=96 if n_expert else 0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
-    out = tmp_path / f"model_tie{int(tie)}"
+            elif "router" in name:  # init_std's router gives every expert about 1/E: near-ties
+                p.normal_(0.0, 0.5)
+    out = tmp_path / f"model_tie{int(tie)}{f'_moe{n_expert}' if n_expert else ''}"
     model.save(out)
     shutil.copyfile(TOKENIZER, out / "tokenizer.model")
     return out
@@ -94,6 +98,31 @@ def test_transformers_gives_nanozh_logits_and_greedy_text(pretrained, hf_dir, he
     prompt = torch.tensor([tok.prompt_ids("话说天下大势，", raw=True)])
     mine = ours.generate(prompt, 32, temperature=0, stop_ids=[tok.im_end_id, tok.eos_id])
     hf = theirs.generate(prompt, max_new_tokens=32, do_sample=False)
+    assert mine.shape[1] == prompt.shape[1] + 32 and torch.equal(mine, hf)
+
+
+def test_moe_exports_as_mixtral_with_nanozh_logits_and_greedy_text(tmp_path, capsys, heldout_texts):
+    model = random_model(tmp_path, tie=False, n_expert=4)
+    summary = export_main(["--model", str(model), "--to", "hf", "--out", str(tmp_path / "hf")], capsys)
+    assert "MixtralForCausalLM directory (float32)" in summary
+    ours, tok = load(model)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()  # no trust_remote_code
+    assert type(theirs).__name__ == "MixtralForCausalLM" and theirs.config.num_experts_per_tok == 2
+    # the router logits of each layer, to see below that every expert gets tokens (so a misnamed or
+    # swapped expert would show in the logits)
+    routed = []
+    for block in ours.blocks:
+        block.mlp.router.register_forward_hook(lambda mod, inp, out: routed.append(out.topk(2, dim=-1).indices))
+    torch.manual_seed(0)
+    for idx in (torch.randint(0, tok.vocab_size, (2, 64)), torch.tensor([tok.encode(heldout_texts[0])[:64]])):
+        with torch.no_grad():
+            a, _ = ours(idx, idx)
+            b = theirs(idx).logits
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-4
+    assert [chosen.unique().tolist() for chosen in routed] == [[0, 1, 2, 3]] * 4  # 2 inputs x 2 layers
+    prompt = torch.tensor([tok.prompt_ids("话说天下大势，", raw=True)])
+    mine = ours.generate(prompt, 32, temperature=0)
+    hf = theirs.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None)
     assert mine.shape[1] == prompt.shape[1] + 32 and torch.equal(mine, hf)
 
 
@@ -232,13 +261,20 @@ def test_export_refuses_bad_arguments_and_unrepresentable_models(tmp_path, capsy
     shutil.copyfile(TOKENIZER, moe / "tokenizer.model")
     assert "n_expert=2 has no equivalent in a Llama" in user_error(["--model", str(moe), "--to", "gguf", "--out",
                                                                    str(tmp_path / "moe.gguf")], capsys)
+    # ...shared experts, which Mixtral lacks (routed ones export to hf, above)...
+    shared = tmp_path / "shared"
+    Transformer(ModelConfig(vocab_size=16000, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, n_expert=2,
+                            n_shared_expert=1)).save(shared)
+    shutil.copyfile(TOKENIZER, shared / "tokenizer.model")
+    assert "n_shared_expert=1 has no equivalent in a Mixtral" in user_error(["--model", str(shared), "--to", "hf",
+                                                                           "--out", str(tmp_path / "x")], capsys)
     # ...and any field added to ModelConfig after export.py (here a made-up one)
     Extended = dataclasses.make_dataclass("Extended", [("sliding_window", int, 0)], bases=(ModelConfig,))
     monkeypatch.setattr(export, "ModelConfig", Extended)
     with pytest.raises(export.NanozhError, match=r"sliding_window=8 has no equivalent in a Llama checkpoint"):
-        export.check_exportable(Extended(vocab_size=100, sliding_window=8), "config.json")
-    export.check_exportable(Extended(vocab_size=100), "config.json")  # at its default it changes nothing
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_tie1", "moe", "taken"]
+        export.check_exportable(Extended(vocab_size=100, sliding_window=8), "config.json", "hf")
+    export.check_exportable(Extended(vocab_size=100), "config.json", "hf")  # at its default it changes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_tie1", "moe", "shared", "taken"]
 
 
 # ----------------------------------------------------------------------------------------------
