@@ -2,6 +2,7 @@
 KV cache (randomly initialised weights: speed does not depend on what was learned).
 
     python -m bench.sample                                   # tiny and 26m on the CPU
+    python -m bench.sample --presets tiny --n_embd 256 --vocab_size 8192 --threads 1 --transformers
     python -m bench.sample --presets tiny,26m,100m --device cuda --dtype bfloat16 --batch 1,8
     nice python -m bench.sample --threads 1                  # steadier on a shared, busy CPU
 
@@ -9,7 +10,12 @@ Decode is greedy, from a --prompt_len prompt to --new_tokens new tokens, for eac
 sequences decoded together: 8 concurrent streams; tokens/s counts all of them). Without the cache
 every step re-runs the whole sequence, so its cost grows with the square of the length; with it
 each step runs one token against the cached keys and values. Weights are fp32 and --dtype is the
-autocast dtype, as in sample.py. --json FILE also writes the rows.
+autocast dtype, as in sample.py, laid out as model.load lays them out (inference_layout). --json
+FILE also writes the rows.
+
+--transformers also times transformers' LlamaForCausalLM.generate (do_sample=False, use_cache=True)
+on the same weights (export.hf_state_dict) at batch 1, alternating with ours --repeat times (best of
+each, so a busy shared CPU slows both alike), and checks that both pick the same greedy tokens.
 """
 
 import argparse
@@ -24,7 +30,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 
 from files import write_text_atomic
-from model import KVCache, ModelConfig, Transformer, autocast
+from model import KVCache, ModelConfig, Transformer, autocast, inference_layout
 
 
 def sync(device: torch.device) -> None:
@@ -50,10 +56,37 @@ def decode_tokens_per_s(model: Transformer, prompt: torch.Tensor, new_tokens: in
     return new_tokens / seconds
 
 
+def versus_transformers(model: Transformer, prompt: torch.Tensor, new_tokens: int, repeat: int) -> tuple[float, float, bool]:
+    """Batch-1 greedy decode tokens/s of ours and of transformers' Llama with the same weights, timed
+    alternately (best of `repeat` each), and whether the two generated the same tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # a test-only dependency (requirements-dev.txt)
+    from transformers.utils import logging
+
+    from export import hf_config, hf_state_dict
+    from tokenizer.tokenizer import Tokenizer
+
+    logging.set_verbosity_error()
+    tok = Tokenizer(ROOT / "tokenizer" / "tokenizer.model")  # only its special ids go into the config
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.config, tok, "float32"))).to(prompt.device).eval()
+    hf.load_state_dict(hf_state_dict(model), strict=False)  # strict=False: a tied head is stored once
+    hf.generation_config.eos_token_id = None  # random weights: run all new_tokens, as ours does
+    hf.generation_config.pad_token_id = tok.pad_id
+    run = {"ours": lambda: model.generate(prompt, new_tokens, temperature=0),
+           "hf": lambda: hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=True)}
+    best = {name: float("inf") for name in run}
+    with torch.no_grad():
+        outs = {name: fn() for name, fn in run.items()}  # warm-up, and the tokens (greedy: the same every run)
+        for _ in range(repeat):
+            for name, fn in run.items():
+                best[name] = min(best[name], timed(fn, prompt.device))
+    return new_tokens / best["ours"], new_tokens / best["hf"], torch.equal(outs["ours"], outs["hf"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="tiny,26m", help="comma-separated names from configs/")
     p.add_argument("--vocab_size", type=int, default=16000)
+    p.add_argument("--n_embd", type=int, default=0, help="width instead of the preset's (0: the preset's)")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--prefill_len", type=int, default=256, help="prompt length for the prefill measurement")
@@ -61,6 +94,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--batch", default="1", help="decode batch sizes (concurrent streams), comma-separated")
+    p.add_argument("--transformers", action="store_true", help="also time transformers' generate at batch 1")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per side with --transformers (best of)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     if args.threads:
@@ -73,9 +108,9 @@ def main() -> None:
         settings = json.loads((ROOT / "configs" / f"{name}.json").read_text())["model"]
         # the context grows to fit the run if needed: block_size changes no weight, only the RoPE table
         block_size = max(settings["block_size"], args.prompt_len + args.new_tokens, args.prefill_len)
-        config = ModelConfig.from_dict({**settings, "vocab_size": args.vocab_size, "block_size": block_size},
-                                       where=f"configs/{name}.json")
-        model = Transformer(config).to(device).eval()
+        config = ModelConfig.from_dict({**settings, "vocab_size": args.vocab_size, "block_size": block_size,
+                                        "n_embd": args.n_embd or settings["n_embd"]}, where=f"configs/{name}.json")
+        model = inference_layout(Transformer(config).to(device).eval())
         long_prompt = torch.randint(0, config.vocab_size, (1, args.prefill_len), device=device)
         with autocast(device, dtype):
             prefill = None
@@ -85,17 +120,25 @@ def main() -> None:
                 prefill = prefill or args.prefill_len / min(prefill_seconds(model, long_prompt) for _ in range(3))
                 cached = batch * decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=True)
                 uncached = batch * decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=False)
-                rows.append((name, model.num_params() / 1e6, batch, prefill, cached, uncached))
+                hf = (None, None)
+                if args.transformers and batch == 1:
+                    cached, hf_tok_s, same = versus_transformers(model, prompt, args.new_tokens, args.repeat)
+                    hf = (hf_tok_s, same)
+                rows.append((name, model.num_params() / 1e6, batch, prefill, cached, uncached, *hf))
 
     command = "python " + " ".join(sys.argv)
     print(f"\n{command}\n{args.device} {args.dtype}, {torch.get_num_threads()} threads, greedy, "
           f"decode {args.prompt_len} -> {args.prompt_len + args.new_tokens} tokens, prefill {args.prefill_len} tokens")
-    print("| preset | params | batch | prefill tok/s | decode tok/s, KV cache | decode tok/s, no cache | cache speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    for name, params, batch, prefill, cached, uncached in rows:
-        print(f"| {name} | {params:.1f}M | {batch} | {prefill:,.0f} | {cached:,.1f} | {uncached:,.1f} | {cached / uncached:.1f}x |")
+    print("| preset | params | batch | prefill tok/s | decode tok/s, KV cache | decode tok/s, no cache | cache speed-up |"
+          " transformers generate tok/s | vs transformers | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, params, batch, prefill, cached, uncached, hf, same in rows:
+        versus = f"{hf:,.1f} | {cached / hf:.2f}x | {'yes' if same else 'NO'}" if hf else " | | "
+        print(f"| {name} | {params:.1f}M | {batch} | {prefill:,.0f} | {cached:,.1f} | {uncached:,.1f} | "
+              f"{cached / uncached:.1f}x | {versus} |")
     if args.json:
-        keys = ("preset", "params_m", "batch", "prefill_tok_s", "decode_tok_s", "decode_no_cache_tok_s")
+        keys = ("preset", "params_m", "batch", "prefill_tok_s", "decode_tok_s", "decode_no_cache_tok_s",
+                "transformers_tok_s", "same_tokens_as_transformers")
         write_text_atomic(args.json, json.dumps({"device": args.device, "dtype": args.dtype, "command": command,
                                                  "rows": [dict(zip(keys, r)) for r in rows]}, indent=1))
 
