@@ -1,0 +1,44 @@
+"""Specification of model.py's inference weight layout: the column-major Linear weights model.load
+gives a model on the CPU (faster one-row matmuls, see inference_layout) hold the same values, keep
+the tied head tied, give the plain model's greedy tokens, and save back the same tensors."""
+
+import copy
+
+import torch
+
+from model import ModelConfig, Transformer, inference_layout, load, load_model
+
+
+def sharp_model() -> Transformer:
+    """init_std 0.5: at the usual 0.02 a random model repeats one token whatever the numerics do."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128, init_std=0.5)
+    return Transformer(config).eval()
+
+
+def linear_weights(model: Transformer) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_inference_layout_keeps_values_and_ties_and_gives_the_same_greedy_tokens():
+    plain = sharp_model()
+    fast = inference_layout(copy.deepcopy(plain))
+    for w, p in zip(linear_weights(fast), linear_weights(plain)):
+        assert w.shape == p.shape and w.stride() == (1, p.shape[0]) and torch.equal(w, p)
+    assert fast.lm_head.weight is fast.tok_emb.weight
+    prompt = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(prompt)[0], plain(prompt)[0], rtol=1e-5, atol=1e-5)
+    want = plain.generate(prompt, 48, temperature=0)
+    assert fast.generate(prompt, 48, temperature=0).tolist() == want.tolist()
+    assert fast.generate(prompt, 48, temperature=0, use_cache=False).tolist() == want.tolist()
+
+
+def test_load_lays_out_for_inference_and_saves_back_the_same_tensors(init_model, tmp_path):
+    model, _ = load(init_model)
+    assert all(w.stride() == (1, w.shape[0]) for w in linear_weights(model))
+    model.save(tmp_path / "again")
+    again = load_model(tmp_path / "again").state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again[name], tensor), name
+
