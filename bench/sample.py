@@ -126,7 +126,7 @@ def main() -> None:
                     hf = (hf_tok_s, same)
                 rows.append((name, model.num_params() / 1e6, batch, prefill, cached, uncached, *hf))
 
-    command = "python " + " ".join(sys.argv)
+    command = "python -m bench.sample " + " ".join(sys.argv[1:])
     print(f"\n{command}\n{args.device} {args.dtype}, {torch.get_num_threads()} threads, greedy, "
           f"decode {args.prompt_len} -> {args.prompt_len + args.new_tokens} tokens, prefill {args.prefill_len} tokens")
     print("| preset | params | batch | prefill tok/s | decode tok/s, KV cache | decode tok/s, no cache | cache speed-up |"
