@@ -6,7 +6,6 @@ so every test takes seconds; the last test keeps the real torchrun to see it sto
 import os
 import signal
 import subprocess
-import sys
 import time
 import typing
 from pathlib import Path
@@ -15,10 +14,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_PATTERN = "data.train_tokenizer"  # the first stage: the one the hanging tests stop in
-needs_pdeathsig = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or subprocess.run(["setpriv", "--pdeathsig", "TERM", "true"],
-                                                          capture_output=True).returncode != 0,
-    reason="stages are stopped with the parent-death signal of setpriv(1), on Linux only")
 
 # Every command the script runs through .venv: log it; answer the NPROC question; if its arguments
 # contain $FAKE_HANG, write its PID to $FAKE_PIDFILE and wait there (as a stage that trains for long).
@@ -134,7 +129,6 @@ def test_redo_of_a_second_run_deletes_nothing(repo):
         stop(first)
 
 
-@needs_pdeathsig
 def test_kill_9_of_the_script_stops_its_stage_and_frees_the_directory(repo):
     first = start(repo, hang=STAGE_PATTERN)
     pid = stage_pid(repo, first)
@@ -170,7 +164,6 @@ def test_pip_runs_only_when_requirements_change(repo):
     assert pip_calls() == 2
 
 
-@needs_pdeathsig
 def test_kill_9_of_the_script_stops_torchrun_and_its_workers(repo):
     """The real torchrun, running a stand-in training script that only waits: torchrun gets the
     SIGTERM when the script dies and passes it on to its worker."""
