@@ -16,7 +16,6 @@ the CPU the process's max resident set (which includes ~0.3-0.5 GB of torch itse
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 import lora
 import trainer
 from model import ModelConfig, Transformer, autocast, load_model, pick_device, pick_dtype
+from bench.train import measure
 from train_dpo import answer_logps, dpo_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,15 +70,6 @@ def child(spec: dict) -> dict:
             "dtype": str(dtype).removeprefix("torch.")}
 
 
-def measure(spec: dict) -> dict:
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
-        cmd = [sys.executable, "-m", "bench.lora", "--child", json.dumps(spec), "--result", result.name]
-        run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        if run.returncode != 0:
-            return {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"}
-        return json.loads(Path(result.name).read_text())
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="26m", help="a configs/*.json name")
@@ -102,7 +93,7 @@ def main() -> None:
         shutil.copyfile(ROOT / "tokenizer" / "tokenizer.model", model_dir / "tokenizer.model")
         variants = [(kind, rank) for kind in args.kinds.split(",") for rank in [0] + [int(r) for r in args.ranks.split(",")]]
         rows = [(kind, rank, measure({"kind": kind, "rank": rank, "model_dir": str(model_dir), "batch_size": args.batch_size,
-                                      "steps": args.steps, "device": args.device, "dtype": args.dtype}))
+                                      "steps": args.steps, "device": args.device, "dtype": args.dtype}, "bench.lora"))
                 for kind, rank in tqdm(variants, desc="bench.lora", file=sys.stderr)]
     print(f"\n| {args.preset} | fine-tuning | trainable parameters | optimizer state | peak memory |")
     print("|---|---|---|---|---|")

@@ -133,9 +133,11 @@ def child(spec: dict) -> dict:
             "losses": losses}
 
 
-def measure(spec: dict) -> dict:
+def measure(spec: dict, module: str = "bench.train") -> dict:
+    """Run `python -m module --child SPEC --result FILE` (a fresh process, so each measurement has its
+    own peak memory and torch state) and return what it wrote, or {"error": its last line}."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
-        cmd = [sys.executable, "-m", "bench.train", "--child", json.dumps(spec), "--result", result.name]
+        cmd = [sys.executable, "-m", module, "--child", json.dumps(spec), "--result", result.name]
         run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         if run.returncode != 0:
             sys.stderr.write(run.stderr)  # the whole traceback, for the log
