@@ -19,6 +19,7 @@ each, so a busy shared CPU slows both alike), and checks that both pick the same
 """
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -30,7 +31,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 
 from files import write_text_atomic
-from model import KVCache, ModelConfig, Transformer, autocast, inference_layout
+from model import KVCache, ModelConfig, Transformer, autocast, compile_for_generation, inference_layout
 
 
 def sync(device: torch.device) -> None:
@@ -56,9 +57,11 @@ def decode_tokens_per_s(model: Transformer, prompt: torch.Tensor, new_tokens: in
     return new_tokens / seconds
 
 
-def versus_transformers(model: Transformer, prompt: torch.Tensor, new_tokens: int, repeat: int) -> tuple[float, float, bool]:
-    """Batch-1 greedy decode tokens/s of ours and of transformers' Llama with the same weights, timed
-    alternately (best of `repeat` each), and whether the two generated the same tokens."""
+def versus_transformers(models: dict[str, Transformer], prompt: torch.Tensor, new_tokens: int,
+                        repeat: int) -> tuple[dict[str, float], float, bool]:
+    """Batch-1 greedy decode tokens/s of each of ours ({"eager": model, maybe "compiled": ...}) and
+    of transformers' Llama with the same weights, timed alternately (best of `repeat` each), and
+    whether all of them generated the same tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM  # a test-only dependency (requirements-dev.txt)
     from transformers.utils import logging
 
@@ -66,20 +69,22 @@ def versus_transformers(model: Transformer, prompt: torch.Tensor, new_tokens: in
     from tokenizer.tokenizer import Tokenizer
 
     logging.set_verbosity_error()
+    model = models["eager"]
     tok = Tokenizer(ROOT / "tokenizer" / "tokenizer.model")  # only its special ids go into the config
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.config, tok, "float32"))).to(prompt.device).eval()
     hf.load_state_dict(hf_state_dict(model), strict=False)  # strict=False: a tied head is stored once
     hf.generation_config.eos_token_id = None  # random weights: run all new_tokens, as ours does
     hf.generation_config.pad_token_id = tok.pad_id
-    run = {"ours": lambda: model.generate(prompt, new_tokens, temperature=0),
-           "hf": lambda: hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=True)}
+    run = {name: (lambda m=m: m.generate(prompt, new_tokens, temperature=0)) for name, m in models.items()}
+    run["hf"] = lambda: hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=True)
     best = {name: float("inf") for name in run}
     with torch.no_grad():
         outs = {name: fn() for name, fn in run.items()}  # warm-up, and the tokens (greedy: the same every run)
         for _ in range(repeat):
             for name, fn in run.items():
                 best[name] = min(best[name], timed(fn, prompt.device))
-    return new_tokens / best["ours"], new_tokens / best["hf"], torch.equal(outs["ours"], outs["hf"])
+    same = all(torch.equal(out, outs["hf"]) for out in outs.values())
+    return {name: new_tokens / best[name] for name in models}, new_tokens / best["hf"], same
 
 
 def main() -> None:
@@ -96,6 +101,8 @@ def main() -> None:
     p.add_argument("--batch", default="1", help="decode batch sizes (concurrent streams), comma-separated")
     p.add_argument("--transformers", action="store_true", help="also time transformers' generate at batch 1")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per side with --transformers (best of)")
+    p.add_argument("--compile", action="store_true", help="also time the model compiled for generation "
+                   "(model.compile_for_generation, as sample.py/serve.py --compile); compiling is not timed")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     if args.threads:
@@ -111,34 +118,41 @@ def main() -> None:
         config = ModelConfig.from_dict({**settings, "vocab_size": args.vocab_size, "block_size": block_size,
                                         "n_embd": args.n_embd or settings["n_embd"]}, where=f"configs/{name}.json")
         model = inference_layout(Transformer(config).to(device).eval())
+        models = {"eager": model}
+        if args.compile:  # the same weights (a copy: compile works in place), compiled
+            models["compiled"] = compile_for_generation(copy.deepcopy(model))
         long_prompt = torch.randint(0, config.vocab_size, (1, args.prefill_len), device=device)
         with autocast(device, dtype):
             prefill = None
             for batch in [int(b) for b in args.batch.split(",")]:
                 prompt = torch.randint(0, config.vocab_size, (batch, args.prompt_len), device=device)
-                decode_tokens_per_s(model, prompt, 8, use_cache=True)  # warm-up: allocator, kernels, threads
+                for m in models.values():  # warm-up: allocator, kernels, threads; compiling for this batch size
+                    compile_s = timed(lambda: decode_tokens_per_s(m, prompt, 8, use_cache=True), device)
                 prefill = prefill or args.prefill_len / min(prefill_seconds(model, long_prompt) for _ in range(3))
-                cached = batch * decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=True)
+                cached = {k: batch * decode_tokens_per_s(m, prompt, args.new_tokens, use_cache=True) for k, m in models.items()}
                 uncached = batch * decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=False)
                 hf = (None, None)
                 if args.transformers and batch == 1:
-                    cached, hf_tok_s, same = versus_transformers(model, prompt, args.new_tokens, args.repeat)
+                    cached, hf_tok_s, same = versus_transformers(models, prompt, args.new_tokens, args.repeat)
                     hf = (hf_tok_s, same)
-                rows.append((name, model.num_params() / 1e6, batch, prefill, cached, uncached, *hf))
+                rows.append((name, model.num_params() / 1e6, batch, prefill, cached["eager"], uncached,
+                             cached.get("compiled"), compile_s if args.compile else None, *hf))
 
     command = "python -m bench.sample " + " ".join(sys.argv[1:])
     print(f"\n{command}\n{args.device} {args.dtype}, {torch.get_num_threads()} threads, greedy, "
           f"decode {args.prompt_len} -> {args.prompt_len + args.new_tokens} tokens, prefill {args.prefill_len} tokens")
     print("| preset | params | batch | prefill tok/s | decode tok/s, KV cache | decode tok/s, no cache | cache speed-up |"
-          " transformers generate tok/s | vs transformers | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, params, batch, prefill, cached, uncached, hf, same in rows:
-        versus = f"{hf:,.1f} | {cached / hf:.2f}x | {'yes' if same else 'NO'}" if hf else " | | "
+          " compiled decode tok/s (first call s) | transformers generate tok/s | vs transformers (compiled) | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, params, batch, prefill, cached, uncached, compiled, compile_s, hf, same in rows:
+        comp = f"{compiled:,.1f} ({compile_s:.0f} s)" if compiled else ""
+        versus = f"{cached / hf:.2f}x" + (f" ({compiled / hf:.2f}x)" if compiled else "") if hf else ""
+        hf_cols = f"{hf:,.1f} | {versus} | {'yes' if same else 'NO'}" if hf else " | | "
         print(f"| {name} | {params:.1f}M | {batch} | {prefill:,.0f} | {cached:,.1f} | {uncached:,.1f} | "
-              f"{cached / uncached:.1f}x | {versus} |")
+              f"{cached / uncached:.1f}x | {comp} | {hf_cols} |")
     if args.json:
         keys = ("preset", "params_m", "batch", "prefill_tok_s", "decode_tok_s", "decode_no_cache_tok_s",
-                "transformers_tok_s", "same_tokens_as_transformers")
+                "compiled_decode_tok_s", "compiled_first_call_s", "transformers_tok_s", "same_tokens_as_transformers")
         write_text_atomic(args.json, json.dumps({"device": args.device, "dtype": args.dtype, "command": command,
                                                  "rows": [dict(zip(keys, r)) for r in rows]}, indent=1))
 

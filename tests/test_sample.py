@@ -106,6 +106,24 @@ def test_prompt_file_answers_every_line(monkeypatch, capsys, model_dir, tmp_path
     assert re.fullmatch(r"\d+ tokens in [\d.]+s, [\d.]+ tokens/s \(prompt \d+ tokens\)\n", err)
 
 
+def test_compiled_model_answers_a_prompt_file_as_the_eager_model_does(monkeypatch, capsys, model_dir, tmp_path):
+    # prompts of three lengths and 30 decode steps: one compiled graph must serve every prefill
+    # length and every cache length (dynamic shapes), giving the eager model's greedy tokens
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "你好"}\n{"prompt": "请介绍一下长城的历史"}\n{"prompt": "从前有座山，山里有座庙"}\n',
+                    encoding="utf-8")
+    args = ["--model", str(model_dir), "--prompt_file", str(path), "--temperature", "0", "--max_new_tokens", "30",
+            "--device", "cpu", "--quiet"]
+    eager = run_main(monkeypatch, capsys, *args).out
+    torch._dynamo.reset()  # compile here, not reuse what another test left in this process
+    torch._dynamo.utils.counters.clear()
+    compiled = run_main(monkeypatch, capsys, *args, "--compile").out
+    assert compiled == eager
+    # it really ran compiled, and with a graph or two in all, not one per length (each would
+    # compile again, and past torch's limit of 8 fall back to eager without a word)
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+
+
 # -----------------------------------------------------------------------------
 # the sampling filters (model.sample_next, model.apply_repetition_penalty)
 
