@@ -173,6 +173,16 @@ def test_arrow_allocates_from_malloc_in_prepare():
     assert run.stdout.strip() == "system", run.stderr
 
 
+def test_every_thread_allocates_from_one_malloc_arena_in_prepare():
+    # glibc gives each thread an arena of its own, whose freed memory no other thread reuses; the
+    # limit must be set before pyarrow starts its thread, so it is checked in a fresh process
+    code = ("import ctypes, threading, data.prepare\n"
+            "t = threading.Thread(target=lambda: [bytearray(1000) for _ in range(100)])\n"
+            "t.start(); t.join(); ctypes.CDLL(None).malloc_stats()")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.stderr.count("Arena ") == 1, run.stderr
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
