@@ -111,6 +111,19 @@ def test_workers_give_the_same_shards_as_one_process(tmp_path, capsys, monkeypat
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
+def test_shards_do_not_depend_on_how_a_block_is_grouped(tmp_path, capsys, monkeypatch):
+    # a worker cleans, hashes and tokenizes a block's texts GROUP_CHARS characters at a time
+    rng = np.random.default_rng(3)
+    docs = [random_text(rng, n) for n in rng.integers(1, 400, size=300)]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    meta, _ = run_prepare(capsys, "pretrain", [path], tmp_path / "whole", "--val_fraction", "0.1")
+    monkeypatch.setattr("data.clean.GROUP_CHARS", 500)  # ~100 groups instead of one
+    grouped, _ = run_prepare(capsys, "pretrain", [path], tmp_path / "groups", "--val_fraction", "0.1")
+    assert grouped["clean"] == meta["clean"] and meta["splits"]["val"]["examples"] > 0
+    for name in ("train_00000.bin", "val_00000.bin"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "groups" / name).read_bytes()
+
+
 def _no_init():
     pass
 
