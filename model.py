@@ -652,18 +652,22 @@ def inference_layout(model: Transformer) -> Transformer:
 
 
 def compile_for_generation(model: Transformer) -> Transformer:
-    """torch.compile the model in place for generation (sample.py and serve.py --compile, and
-    bench.sample). A one-token decode step is ~200 small ops in eager mode, each paying Python and
-    dispatcher overhead that costs as much as the matmuls at nanozh's sizes on a CPU; inductor fuses
-    the norms, RoPE, cache writes and SwiGLU between the matmuls into a few kernels.
-    dynamic=True: the cache grows by a position every step and prompts have any length; one graph
-    with symbolic lengths serves them all, where static shapes would recompile for each. On the
-    CPU, cpp_wrapper calls the kernels from generated C++ instead of Python, which saves another
-    ~0.1-0.2 ms a step. The first call of a new shape class (prefill, decode, a new batch size)
-    compiles: ~10-30 s on a 2-core CPU, cached on disk by inductor for the next run. Greedy output
-    is the same as eager (tested); sampled output may differ in the last bits of a probability."""
-    cpu = next(model.parameters()).device.type == "cpu"
-    model.compile(dynamic=True, options={"cpp_wrapper": True} if cpu else {})
+    """torch.compile the model in place for generation (sample.py --compile, bench.sample), and
+    compile it now: a 2-token prompt generates 2 tokens, which compiles the prefill and the decode
+    step. Call it under the autocast that generation will run in (autocast is part of what a
+    compiled graph was made for; another one compiles again).
+
+    Why: a one-token decode step is ~200 small ops in eager mode, and on a CPU their dispatch
+    overhead costs as much as the matmuls at nanozh's sizes; inductor fuses what lies between the
+    matmuls (norms, RoPE, cache writes, SwiGLU) into a few kernels. dynamic=True: the cache grows by
+    a position every step and prompts have any length; one graph with symbolic lengths serves them
+    all, where static shapes would compile again for each. On the CPU, cpp_wrapper calls the kernels
+    from generated C++ instead of Python. Compiling takes ~10-30 s on a 2-core CPU, less on a later
+    run (inductor caches on disk). Greedy output is the eager model's (tested); a sampled token can
+    differ where two probabilities differ only in their last bits."""
+    device = next(model.parameters()).device
+    model.compile(dynamic=True, options={"cpp_wrapper": True} if device.type == "cpu" else {})
+    model.generate(torch.zeros(1, 2, dtype=torch.long, device=device), 2, temperature=0)
     return model
 
 
