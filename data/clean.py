@@ -134,39 +134,15 @@ def _char_flags() -> np.ndarray:
     return flags
 
 
-# the most characters that clean_texts() and dedup_keys() take in one numpy pass (and prepare.py
-# tokenizes at once): their temporaries take 10-30 bytes per character, and a whole block at once
-# (up to ~560k characters of man pages) made each worker's heap ~10 MB larger, for no speed
-# measurably gained
-GROUP_CHARS = 1 << 17
-
-
-def text_groups(texts: list[str], max_texts: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of runs of consecutive texts, each of at most max_texts texts and GROUP_CHARS
-    characters (or of one longer text)."""
-    start = chars = 0
-    for i, text in enumerate(texts):
-        if i > start and (i - start == max_texts or chars + len(text) > GROUP_CHARS):
-            yield start, i
-            start, chars = i, 0
-        chars += len(text)
-    if start < len(texts):
-        yield start, len(texts)
-
-
 def clean_texts(texts: list[str], cfg: CleanConfig) -> list[tuple[str, list[str]]]:
     """[clean_text(t, cfg) for t in texts], the same results ~3x faster: most texts need no rule,
-    and one numpy scan of a group of texts finds the few that might, so only those pay for the
+    and one numpy scan of the whole batch finds the few that might, so only those pay for the
     regex scans. A text is flagged when it holds a character the whitespace or control_chars
     rules replace, a run of 3 newlines, … or —, a run of 4 of another punctuation mark, a space
     or tab before a newline, or whitespace at either end; a text with none of these is unchanged
     by every rule but NFKC. (Runs of 3, like "..." in code, are common and need no change.)"""
-    if cfg.nfkc:
+    if cfg.nfkc or not texts:
         return [clean_text(t, cfg) for t in texts]
-    return [out for start, end in text_groups(texts, len(texts)) for out in _clean_group(texts[start:end], cfg)]
-
-
-def _clean_group(texts: list[str], cfg: CleanConfig) -> list[tuple[str, list[str]]]:
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     cp = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
     flags = np.take(_char_flags(), cp)  # take: a plain gather, cheaper than fancy indexing
@@ -336,11 +312,26 @@ def exact_keys(texts: list[str]) -> np.ndarray:
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64) | U64(1)
 
 
-# most texts per minhash_signatures() call (and GROUP_CHARS characters): its temporaries grow with
-# the empty bins that short texts leave (25 MB for a block of 3,700 short poems at once, 7 MB in
-# groups of this size)
+# texts per minhash_signatures() call: its temporaries grow with the empty bins that short texts
+# leave (25 MB for a block of 3,700 short poems at once, 7 MB in groups of this size)
 MINHASH_GROUP = 1024
+# and characters per call: they also take ~30 bytes per character, and a whole block at once (up
+# to ~560k characters of man pages) made each worker's heap ~7 MB larger, for ~2% less time
+MINHASH_GROUP_CHARS = 1 << 17
 SKETCH_MIX = (U32(0x85EBCA6B), U32(0xC2B2AE35))  # murmur3's 32-bit finaliser
+
+
+def _minhash_groups(texts: list[str]) -> Iterator[tuple[int, int]]:
+    """(start, end) of runs of consecutive texts, each of at most MINHASH_GROUP texts and
+    MINHASH_GROUP_CHARS characters (or of one longer text)."""
+    start = chars = 0
+    for i, text in enumerate(texts):
+        if i > start and (i - start == MINHASH_GROUP or chars + len(text) > MINHASH_GROUP_CHARS):
+            yield start, i
+            start, chars = i, 0
+        chars += len(text)
+    if start < len(texts):
+        yield start, len(texts)
 
 
 def sketches(sig: np.ndarray) -> np.ndarray:
@@ -368,7 +359,7 @@ def dedup_keys(texts: list[str], cfg: CleanConfig) -> tuple[np.ndarray, np.ndarr
     keys = np.zeros((len(texts), 1 + bands), dtype=np.uint64)
     keys[:, 0] = exact_keys(texts)
     sketch = np.zeros((len(texts), cfg.num_perm if cfg.near_dedup else 0), dtype=np.uint8)
-    for i, end in text_groups(texts, MINHASH_GROUP) if cfg.near_dedup else ():
+    for i, end in _minhash_groups(texts) if cfg.near_dedup else ():
         group = texts[i:end]
         sig = minhash_signatures(group, cfg)
         sketch[i:i + len(group)] = sketches(sig)

@@ -77,7 +77,7 @@ if mallopt := _glibc("mallopt"):
 import numpy as np
 from tqdm import tqdm
 
-from data.clean import VERDICTS, CleanConfig, CleanStats, Deduplicator, clean_text, clean_texts, dedup_keys, text_groups
+from data.clean import VERDICTS, CleanConfig, CleanStats, Deduplicator, clean_text, clean_texts, dedup_keys
 from data.shards import SplitWriter, token_dtype, write_meta
 from data.sources import Block, parse_block, read_blocks
 from errors import NanozhError, exit_on_user_error, user_error
@@ -85,7 +85,7 @@ from tokenizer.tokenizer import Tokenizer
 
 KINDS = ("pretrain", "sft", "dpo")
 MAX_SHOWN_ERRORS = 10
-ENCODE_GROUP = 256  # the most texts tokenized in one call (and GROUP_CHARS characters)
+ENCODE_GROUP = 256  # the most texts tokenized in one call (see _pretrain)
 
 
 @dataclass
@@ -160,10 +160,10 @@ def _pretrain(block: Block) -> Chunk:
     tok = _W["tok"]
     dtype = token_dtype(tok.vocab_size)  # uint16 for our vocabularies: half the bytes to send back
     tokens, lengths = [np.zeros(0, dtype)], [np.zeros(0, np.int64)]
-    # a group of texts at a time: sentencepiece holds what it makes of every text of a call until
-    # it returns, and a block of 4,000 short poems at once made each worker's heap ~8 MB larger
-    for start, end in text_groups(chunk.texts, ENCODE_GROUP):
-        ids, offsets = tok.encode_documents(chunk.texts[start:end], num_threads=1)
+    # ENCODE_GROUP texts at a time: sentencepiece holds what it makes of every text of a call
+    # until it returns, and a block of 4,000 short poems at once made a worker's heap ~3 MB larger
+    for start in range(0, len(chunk.texts), ENCODE_GROUP):
+        ids, offsets = tok.encode_documents(chunk.texts[start:start + ENCODE_GROUP], num_threads=1)
         tokens.append(ids.astype(dtype))
         lengths.append(np.diff(offsets))
     chunk.tokens = np.concatenate(tokens)

@@ -65,12 +65,8 @@ def test_invalid_config_is_a_user_error():
 
 
 
-@pytest.mark.parametrize("group_chars", [None, 100])
-def test_batched_cleaning_equals_clean_text_on_tricky_texts(monkeypatch, group_chars):
+def test_batched_cleaning_equals_clean_text_on_tricky_texts():
     # texts drawn from the characters every rule acts on, in runs, at the ends and across texts
-    # (and across groups: one numpy pass takes at most GROUP_CHARS characters)
-    if group_chars:
-        monkeypatch.setattr(clean, "GROUP_CHARS", group_chars)
     alphabet = list("中文字。，！？…—.～-") + [" ", "\t", "\n", "\r", "\u3000", "\xa0", "\u200b", "\ufeff",
                                                "\x00", "\x85", "\x1c", "\u2028", "😀", "𠀀", "\u200d"]
     rng = random.Random(5)
@@ -125,8 +121,8 @@ def test_batched_signatures_equal_one_at_a_time():
 
 
 def test_dedup_keys_do_not_depend_on_how_texts_are_grouped(monkeypatch):
-    # dedup_keys hashes MINHASH_GROUP texts (and GROUP_CHARS characters) at a time: keys across a
-    # group boundary must be the same as keys computed one text at a time
+    # dedup_keys hashes MINHASH_GROUP texts (and MINHASH_GROUP_CHARS characters) at a time: keys
+    # across a group boundary must be the same as keys computed one text at a time
     rng = random.Random(2)
     texts = [random_doc(rng, rng.randrange(5, 60)) for _ in range(2 * MINHASH_GROUP + 5)]
     cfg = CleanConfig()
@@ -135,7 +131,7 @@ def test_dedup_keys_do_not_depend_on_how_texts_are_grouped(monkeypatch):
         one_keys, one_sketch = dedup_keys([texts[i]], cfg)
         assert np.array_equal(keys[i], one_keys[0]) and np.array_equal(sketch[i], one_sketch[0])
     assert (keys[:, 1:] != 0).all()
-    monkeypatch.setattr(clean, "GROUP_CHARS", 100)  # a few texts per group
+    monkeypatch.setattr(clean, "MINHASH_GROUP_CHARS", 100)  # a few texts per group
     small_keys, small_sketch = dedup_keys(texts, cfg)
     assert np.array_equal(keys, small_keys) and np.array_equal(sketch, small_sketch)
 

@@ -112,12 +112,15 @@ def test_workers_give_the_same_shards_as_one_process(tmp_path, capsys, monkeypat
 
 
 def test_shards_do_not_depend_on_how_a_block_is_grouped(tmp_path, capsys, monkeypatch):
-    # a worker cleans, hashes and tokenizes a block's texts GROUP_CHARS characters at a time
+    # a worker hashes a block's texts MINHASH_GROUP_CHARS characters and tokenizes them
+    # ENCODE_GROUP texts at a time
     rng = np.random.default_rng(3)
     docs = [random_text(rng, n) for n in rng.integers(1, 400, size=300)]
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    monkeypatch.setattr("data.prepare.ENCODE_GROUP", 1000)
     meta, _ = run_prepare(capsys, "pretrain", [path], tmp_path / "whole", "--val_fraction", "0.1")
-    monkeypatch.setattr("data.clean.GROUP_CHARS", 500)  # ~100 groups instead of one
+    monkeypatch.setattr("data.clean.MINHASH_GROUP_CHARS", 500)  # ~100 groups instead of one
+    monkeypatch.setattr("data.prepare.ENCODE_GROUP", 7)
     grouped, _ = run_prepare(capsys, "pretrain", [path], tmp_path / "groups", "--val_fraction", "0.1")
     assert grouped["clean"] == meta["clean"] and meta["splits"]["val"]["examples"] > 0
     for name in ("train_00000.bin", "val_00000.bin"):
