@@ -22,10 +22,10 @@ against both); peak memory on the large corpus <= 1.2x that on the small one. It
 CPU time prepare's main process spends per MB (it reads, dedups and writes for every worker), and
 so the throughput beyond which more workers cannot help. Peak memory follows the input's layout
 as well as its size: a Parquet page is decompressed whole, and pyarrow writes files of long
-documents with a large first page (see data/sources.py). With 2 workers at 010011f, the full
-pretraining set the bundled corpus was drawn from (101 MB of text) peaks at 177-180 MB against
-120-122 MB for the bundled corpus, ~1.48x, and three copies of it, 3x the text, at 189 MB. Of the
-~58 MB between the two, ~32 MB is its 16 MB page of novels, which the main process holds twice
+documents with a large first page (see data/sources.py). With 2 workers at aa4831b, the full
+pretraining set the bundled corpus was drawn from (101 MB of text) peaks at 188-192 MB against
+127-130 MB for the bundled corpus, ~1.5x, and three copies of it, 3x the text, at 194 MB. Of the
+~60 MB between the two, ~32 MB is its 16 MB page of novels, which the main process holds twice
 (decoded, and in pyarrow's buffer for decompressed pages) while it reads that file, and ~15 MB
 the state dedup keeps (248 bytes per kept document: 67k documents against 7k); the rest is the
 workers' heaps, which keep the high-water mark of their blocks' temporaries (blocks of 4,000
