@@ -469,7 +469,9 @@ class Transformer(nn.Module):
         if generator is None and seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
         steps = min(max_new_tokens, self.config.block_size - T)
-        cache = KVCache(self.config, B, T + steps) if use_cache else None
+        # room for the whole context, not just T + steps: every call's cache then has the same shape,
+        # which a compiled model (compile_for_generation) needs to run without compiling again
+        cache = KVCache(self.config, B, self.config.block_size) if use_cache else None
         seen = None
         if repetition_penalty != 1.0:
             seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
@@ -653,21 +655,29 @@ def inference_layout(model: Transformer) -> Transformer:
 
 def compile_for_generation(model: Transformer) -> Transformer:
     """torch.compile the model in place for generation (sample.py --compile, bench.sample), and
-    compile it now: a 2-token prompt generates 2 tokens, which compiles the prefill and the decode
-    step. Call it under the autocast that generation will run in (autocast is part of what a
-    compiled graph was made for; another one compiles again).
+    compile it now: two short prompts of different lengths generate a few tokens each, which
+    compiles the prefill and the decode step for any length from 2 tokens (a 1-token prompt, or
+    another batch size, compiles once more when it first comes). Call it under the autocast that
+    generation will run in (autocast is part of what a graph was compiled for: another one compiles
+    again), and change nothing in the model afterwards (see the guards below).
 
     Why: a one-token decode step is ~200 small ops in eager mode, and on a CPU their dispatch
     overhead costs as much as the matmuls at nanozh's sizes; inductor fuses what lies between the
-    matmuls (norms, RoPE, cache writes, SwiGLU) into a few kernels. dynamic=True: the cache grows by
-    a position every step and prompts have any length; one graph with symbolic lengths serves them
-    all, where static shapes would compile again for each. On the CPU, cpp_wrapper calls the kernels
-    from generated C++ instead of Python. Compiling takes ~10-30 s on a 2-core CPU, less on a later
-    run (inductor caches on disk). Greedy output is the eager model's (tested); a sampled token can
-    differ where two probabilities differ only in their last bits."""
+    matmuls (norms, RoPE, cache writes, SwiGLU) into a few kernels. Shapes start static, and a size
+    seen to change (the cache position, the prompt length) becomes symbolic on the next compile,
+    which then serves every value of it; generate's cache always has the context's full shape. On
+    the CPU, cpp_wrapper calls the kernels from generated C++ instead of Python. Before each call
+    torch checks guards, that what the graph was compiled for still holds; those on the modules'
+    attributes (dropout rates, the training flag) were half of the ~0.2 ms they took per decode
+    step, and are skipped: a model compiled for generation stays as it is (the weights are
+    inputs, and their values are always read afresh). Compiling takes ~10-30 s on a 2-core CPU,
+    less on a later run (inductor caches on disk). Greedy output is the eager model's (tested); a
+    sampled token can differ where two probabilities differ only in their last bits."""
     device = next(model.parameters()).device
-    model.compile(dynamic=True, options={"cpp_wrapper": True} if device.type == "cpu" else {})
-    model.generate(torch.zeros(1, 2, dtype=torch.long, device=device), 2, temperature=0)
+    model.compile(options={"cpp_wrapper": device.type == "cpu",
+                           "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    for length in (2, 3):
+        model.generate(torch.zeros(1, length, dtype=torch.long, device=device), 3, temperature=0)
     return model
 
 

@@ -1,12 +1,14 @@
 """Specification of model.py's inference weight layout: the column-major Linear weights model.load
 gives a model on the CPU (faster one-row matmuls, see inference_layout) hold the same values, keep
-the tied head tied, give the plain model's greedy tokens, and save back the same tensors."""
+the tied head tied, give the plain model's greedy tokens, and save back the same tensors. And of
+compile_for_generation: compiled once, the model decodes a prompt of any length (from 2 tokens, as
+every prompt sample.py makes) without compiling again, and gives the eager model's greedy tokens."""
 
 import copy
 
 import torch
 
-from model import ModelConfig, Transformer, inference_layout, load, load_model
+from model import ModelConfig, Transformer, compile_for_generation, inference_layout, load, load_model
 
 
 def sharp_model() -> Transformer:
@@ -42,3 +44,15 @@ def test_load_lays_out_for_inference_and_saves_back_the_same_tensors(init_model,
     for name, tensor in model.state_dict().items():
         assert torch.equal(again[name], tensor), name
 
+
+
+def test_compiled_for_generation_decodes_any_prompt_length_without_compiling_again():
+    eager = inference_layout(sharp_model())
+    compiled = compile_for_generation(copy.deepcopy(eager))  # compiles now, on its own short prompts
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # it did compile
+    rng = torch.Generator().manual_seed(2)
+    for length in (5, 17, 40):  # lengths it was not compiled on: none may stall a chat to compile
+        prompt = torch.randint(0, 100, (1, length), generator=rng)
+        assert compiled.generate(prompt, 24, temperature=0).tolist() == eager.generate(prompt, 24, temperature=0).tolist()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
