@@ -14,7 +14,7 @@ conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply. Text streams as it is
 character that arrives as several byte-fallback tokens is printed once it is whole. A summary
 line (tokens, tokens/s) goes to stderr unless --quiet. --compile runs the model through
 torch.compile (model.compile_for_generation) before the first prompt: on a CPU, decoding the tiny
-model is ~1.3x faster, after ~10-30 s of compiling (less on later runs, which reuse inductor's
+model is ~1.5x faster, after ~10-30 s of compiling (less on later runs, which reuse inductor's
 on-disk cache); worth it for a chat or a file of prompts, not for one short reply.
 """
 
