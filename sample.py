@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from errors import NanozhError, exit_on_user_error
+from errors import NanozhError, exit_on_user_error, user_error
 from files import read_prompts
 from model import Transformer, autocast, check_fits, compile_for_generation, load, pick_device, pick_dtype
 from tokenizer.tokenizer import StreamDecoder, Tokenizer
@@ -171,7 +171,11 @@ def main() -> None:
         with autocast(device, dtype):  # fp32 weights, matmuls in dtype: model.py's one policy
             if args.compile:
                 t0 = time.perf_counter()
-                compile_for_generation(model)
+                try:
+                    compile_for_generation(model)
+                except Exception as e:  # inductor raises many types: no C++ compiler, an unsupported op, ...
+                    raise user_error("--compile", f"torch.compile failed ({type(e).__name__}: {str(e).strip()[:300]})",
+                                     "run without --compile; on a CPU, inductor needs a C++ compiler (gcc)") from None
                 if not args.quiet:
                     print(f"compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
             if args.chat:

@@ -124,6 +124,17 @@ def test_compiled_model_answers_a_prompt_file_as_the_eager_model_does(monkeypatc
     assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
 
 
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(model_dir, tmp_path):
+    # inductor compiles C++ on the CPU; an empty cache dir, so that nothing compiled before is reused
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(model_dir), "--prompt", "你好",
+                           "--max_new_tokens", "4", "--device", "cpu", "--compile"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("nanozh: --compile: torch.compile failed (")
+    assert "run without --compile" in proc.stderr
+
+
 # -----------------------------------------------------------------------------
 # the sampling filters (model.sample_next, model.apply_repetition_penalty)
 
