@@ -673,6 +673,11 @@ def compile_for_generation(model: Transformer) -> Transformer:
     inputs, and their values are always read afresh). Compiling takes ~10-30 s on a 2-core CPU,
     less on a later run (inductor caches on disk). Greedy output is the eager model's (tested); a
     sampled token can differ where two probabilities differ only in their last bits."""
+    if model.config.n_expert:
+        # measured on moe-tiny: torch stopped compiling after 8 graphs and ran the rest eagerly
+        raise user_error("--compile", "a mixture-of-experts model is not compiled for generation",
+                         "run it without --compile: its routing gives each expert a different number of "
+                         "tokens at each step, and every new count would compile again")
     device = next(model.parameters()).device
     model.compile(options={"cpp_wrapper": device.type == "cpu",
                            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})

@@ -173,6 +173,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 try:
                     compile_for_generation(model)
+                except NanozhError:
+                    raise
                 except Exception as e:  # inductor raises many types: no C++ compiler, an unsupported op, ...
                     raise user_error("--compile", f"torch.compile failed ({type(e).__name__}: {str(e).strip()[:300]})",
                                      "run without --compile; on a CPU, inductor needs a C++ compiler (gcc)") from None

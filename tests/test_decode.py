@@ -2,12 +2,15 @@
 gives a model on the CPU (faster one-row matmuls, see inference_layout) hold the same values, keep
 the tied head tied, give the plain model's greedy tokens, and save back the same tensors. And of
 compile_for_generation: compiled once, the model decodes a prompt of any length (from 2 tokens, as
-every prompt sample.py makes) without compiling again, and gives the eager model's greedy tokens."""
+every prompt sample.py makes) without compiling again, and gives the eager model's greedy tokens;
+a mixture-of-experts model is refused in one line."""
 
 import copy
 
+import pytest
 import torch
 
+from errors import NanozhError
 from model import ModelConfig, Transformer, compile_for_generation, inference_layout, load, load_model
 
 
@@ -56,3 +59,12 @@ def test_compiled_for_generation_decodes_any_prompt_length_without_compiling_aga
         prompt = torch.randint(0, 100, (1, length), generator=rng)
         assert compiled.generate(prompt, 24, temperature=0).tolist() == eager.generate(prompt, 24, temperature=0).tolist()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_mixture_of_experts_model_is_not_compiled_for_generation():
+    # its routing gives each expert a data-dependent number of tokens: torch would compile again at
+    # almost every step and, past its limit, run eagerly without a word; refused in one line instead
+    config = ModelConfig(vocab_size=100, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, block_size=32,
+                         n_expert=4, n_expert_active=2, ffn_hidden=48)
+    with pytest.raises(NanozhError, match="mixture-of-experts model is not compiled"):
+        compile_for_generation(Transformer(config).eval())
