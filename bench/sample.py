@@ -120,7 +120,7 @@ def main() -> None:
         config = ModelConfig.from_dict({**settings, "vocab_size": args.vocab_size, "block_size": block_size,
                                         "n_embd": args.n_embd or settings["n_embd"]}, where=f"configs/{name}.json")
         model = inference_layout(Transformer(config).to(device).eval())
-        models = {"eager": model}
+        models, compile_s = {"eager": model}, None
         long_prompt = torch.randint(0, config.vocab_size, (1, args.prefill_len), device=device)
         with autocast(device, dtype):
             if args.compile:  # the same weights (a copy: compile works in place), compiled
@@ -138,7 +138,7 @@ def main() -> None:
                     cached, hf_tok_s, same = versus_transformers(models, prompt, args.new_tokens, args.repeat)
                     hf = (hf_tok_s, same)
                 rows.append((name, model.num_params() / 1e6, batch, prefill, cached["eager"], uncached,
-                             cached.get("compiled"), compile_s if args.compile else None, *hf))
+                             cached.get("compiled"), compile_s, *hf))
 
     command = "python -m bench.sample " + " ".join(sys.argv[1:])
     print(f"\n{command}\n{args.device} {args.dtype}, {torch.get_num_threads()} threads, greedy, "
