@@ -34,12 +34,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from errors import NanozhError, exit_on_user_error, user_error
 from files import atomic_path, file_sha256, write_text_atomic
-from model import ModelConfig, Transformer, load_model
+from model import ModelConfig, Transformer, linear, load_model
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
 
@@ -91,10 +90,10 @@ class LoRALinear(nn.Module):
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)  # linear, not F.linear: compiled for generation, one row is a loop of its own
         if not self.enabled:
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return y + linear(linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
 
 def add_adapters(model: Transformer, adapter: Adapter, seed: int = 0) -> Transformer:

@@ -138,6 +138,30 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+class Linear(nn.Linear):
+    """A bias-free nn.Linear that multiplies through `linear`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, as F.linear; but one row in fp32 on the CPU under torch.compile (a batch-1 decode
+    step of compile_for_generation) is written as a multiply and a sum over the inputs. Inductor
+    turns that into a loop of its own, fused with what comes before (the norm), that reads each
+    weight row once; MKL's matrix-vector kernel is slower at nanozh's sizes (measured on the 2-core
+    AMD EPYC VM, one thread, the 17 products of a 4 x 256, vocab 8192 decode step back to back:
+    0.84-1.08 ms with F.linear, 0.52-0.65 ms as compiled loops). Eager mode keeps F.linear: there
+    the multiply would first write the whole product to memory."""
+    if (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and x.shape[:-1].numel() == 1):
+        return (x.unsqueeze(-2) * weight).sum(-1)
+    return F.linear(x, weight)
+
+
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * frequency, (length, head_dim / 2), computed in fp64, kept in fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -158,8 +182,8 @@ class Attention(nn.Module):
         self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, config.n_head, config.n_kv_head, config.head_dim
         self.attn_impl = config.attn_impl
         # q, k and v in one matmul: one large GEMM beats three small ones
-        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
-        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.qkv = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim)
+        self.proj = Linear(config.n_head * config.head_dim, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None") -> torch.Tensor:
@@ -196,8 +220,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, hidden: int = 0):
         super().__init__()
         hidden = hidden or config.hidden_size
-        self.gate_up = nn.Linear(config.n_embd, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, config.n_embd, bias=False)
+        self.gate_up = Linear(config.n_embd, 2 * hidden)
+        self.down = Linear(hidden, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +275,7 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.router = Linear(config.n_embd, config.n_expert)
         self.experts = nn.ModuleList([MLP(config) for _ in range(config.n_expert)])
         self.shared = MLP(config, config.n_shared_expert * config.hidden_size) if config.n_shared_expert else None
         # the factor on the router losses' gradient (see RouterLoss); a buffer so that changing it
@@ -370,7 +394,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         # RoPE tables: precomputed once, non-persistent (rebuilt, never saved), fp32 (see _apply)
@@ -663,8 +687,9 @@ def compile_for_generation(model: Transformer) -> Transformer:
 
     Why: a one-token decode step is ~200 small ops in eager mode, and on a CPU their dispatch
     overhead costs as much as the matmuls at nanozh's sizes; inductor fuses what lies between the
-    matmuls (norms, RoPE, cache writes, SwiGLU) into a few kernels. Shapes start static, and a size
-    seen to change (the cache position, the prompt length) becomes symbolic on the next compile,
+    matmuls (norms, RoPE, cache writes, SwiGLU) into a few kernels, and on the CPU the one-row
+    matmuls into them too, as loops of its own (see linear). Shapes start static, and a size seen to
+    change (the cache position, the prompt length) becomes symbolic on the next compile,
     which then serves every value of it; generate's cache always has the context's full shape. On
     the CPU, cpp_wrapper calls the kernels from generated C++ instead of Python. Before each call
     torch checks guards, that what the graph was compiled for still holds; those on the modules'
@@ -679,6 +704,8 @@ def compile_for_generation(model: Transformer) -> Transformer:
                          "run it without --compile: its routing gives each expert a different number of "
                          "tokens at each step, and every new count would compile again")
     device = next(model.parameters()).device
+    for p in model.parameters():  # linear()'s loop reads weights row by row: undo inference_layout
+        p.data = p.data.contiguous()
     model.compile(options={"cpp_wrapper": device.type == "cpu",
                            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     for length in (2, 3):

@@ -2,8 +2,9 @@
 gives a model on the CPU (faster one-row matmuls, see inference_layout) hold the same values, keep
 the tied head tied, give the plain model's greedy tokens, and save back the same tensors. And of
 compile_for_generation: compiled once, the model decodes a prompt of any length (from 2 tokens, as
-every prompt sample.py makes) without compiling again, and gives the eager model's greedy tokens;
-a mixture-of-experts model is refused in one line."""
+every prompt sample.py makes) without compiling again, and gives the eager model's greedy tokens
+(its one-row products compiled as loops of their own, model.linear); a mixture-of-experts model is
+refused in one line."""
 
 import copy
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 from errors import NanozhError
-from model import ModelConfig, Transformer, compile_for_generation, inference_layout, load, load_model
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+
+from model import ModelConfig, Transformer, compile_for_generation, inference_layout, linear, load, load_model
 
 
 def sharp_model() -> Transformer:
@@ -59,6 +63,17 @@ def test_compiled_for_generation_decodes_any_prompt_length_without_compiling_aga
         prompt = torch.randint(0, 100, (1, length), generator=rng)
         assert compiled.generate(prompt, 24, temperature=0).tolist() == eager.generate(prompt, 24, temperature=0).tolist()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_compiled_one_row_product_is_a_loop_of_its_own_with_the_values_of_f_linear():
+    # where compile_for_generation's decode speed on the CPU comes from (model.linear): one row
+    # times a weight must compile to inductor's own loop, not to a call of MKL's matrix kernel
+    weight = torch.randn(96, 64)
+    for rows, extern_mm in ((1, False), (3, True)):
+        x = torch.randn(1, rows, 64)
+        out, code = run_and_get_code(torch.compile(linear, dynamic=False), x, weight)
+        torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+        assert ("extern_kernels.mm(" in "".join(code)) == extern_mm, code
 
 
 def test_a_mixture_of_experts_model_is_not_compiled_for_generation():
