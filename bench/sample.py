@@ -2,7 +2,7 @@
 KV cache (randomly initialised weights: speed does not depend on what was learned).
 
     python -m bench.sample                                   # tiny and 26m on the CPU
-    python -m bench.sample --presets tiny --n_embd 256 --vocab_size 8192 --threads 1 --transformers --compile
+    python -m bench.sample --presets tiny --n_embd 256 --vocab_size 8192 --transformers --compile --repeat 5
     python -m bench.sample --presets tiny,26m,100m --device cuda --dtype bfloat16 --batch 1,8
     nice python -m bench.sample --threads 1                  # steadier on a shared, busy CPU
 
