@@ -46,6 +46,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+# imported before any process group exists, on purpose: its functions take group=group.WORLD as a
+# default argument, evaluated at import. Imported after init_process_group (DDP imports it, through
+# torch._dynamo), they would hold the world group past destroy_process_group, and its gloo threads
+# would run on until the process exits, where a rank was seen to abort ("terminate called without
+# an active exception") once its run had finished. Imported now, they hold None.
+import torch.distributed.nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 

@@ -156,6 +156,32 @@ def test_torchrun_two_ranks_match_one_rank_with_two_micro_steps(straight, ddp_st
     assert sorted(ddp) == sorted(single)
     assert max(abs(ddp[s] - single[s]) for s in single) < 1e-5, (ddp, single)
 
+
+LEAVE_GROUP = '''
+import glob, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import trainer
+trainer.init_distributed("cpu")
+model = trainer.DDP(torch.nn.Linear(4, 4))
+model(torch.ones(2, 4)).sum().backward()
+del model
+trainer.cleanup_distributed(wait=True)
+threads = [open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")]
+assert not any("gloo" in t for t in threads), f"gloo threads still running: {threads}"
+'''
+
+
+def test_leaving_the_process_group_stops_gloo_once_ddp_is_gone(tmp_path):
+    """After a DDP run, leaving the process group must tear gloo down then, not at interpreter exit:
+    threads left running until exit were where a rank that had finished was seen to abort. (Thread
+    names come from Linux's /proc, as on every machine that runs these tests.)"""
+    script = tmp_path / "leave_group.py"
+    script.write_text(LEAVE_GROUP)
+    result = subprocess.run(torchrun(["python", str(script), str(ROOT)]), capture_output=True, text=True,
+                            timeout=120, cwd=ROOT, env=THREADS)
+    assert result.returncode == 0, result.stderr[-3000:]
+
 # -----------------------------------------------------------------------------
 # resume: the same losses, bit for bit, however the run was interrupted
 
