@@ -131,12 +131,14 @@ def main() -> None:
                 for m in models.values():  # warm-up: allocator, kernels, threads (and a batch size > 1 compiles)
                     decode_tokens_per_s(m, prompt, 8, use_cache=True)
                 prefill = prefill or args.prefill_len / min(prefill_seconds(model, long_prompt) for _ in range(3))
-                cached = {k: batch * decode_tokens_per_s(m, prompt, args.new_tokens, use_cache=True) for k, m in models.items()}
                 uncached = batch * decode_tokens_per_s(model, prompt, args.new_tokens, use_cache=False)
                 hf = (None, None)
-                if args.transformers and batch == 1:
+                if args.transformers and batch == 1:  # ours timed there, alternating with transformers
                     cached, hf_tok_s, same = versus_transformers(models, prompt, args.new_tokens, args.repeat)
                     hf = (hf_tok_s, same)
+                else:
+                    cached = {k: batch * decode_tokens_per_s(m, prompt, args.new_tokens, use_cache=True)
+                              for k, m in models.items()}
                 rows.append((name, model.num_params() / 1e6, batch, prefill, cached["eager"], uncached,
                              cached.get("compiled"), compile_s, *hf))
 
