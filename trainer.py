@@ -1,7 +1,8 @@
 """What every training script shares, and only that. Each train_*.py keeps its own loop in view
 and calls these plain functions around it:
 
-    run(PretrainConfig, train, sys.argv[1:])         # main(): train(parse_config(...)), user errors, cleanup
+    run(PretrainConfig, train, sys.argv[1:])         # main(): train(parse_config(...)), user errors, then
+                                                      # leave the process group once train() has returned
     cfg = parse_config(PretrainConfig, argv)          # dataclass defaults <- --config FILE <- --key=value
     in train(cfg):
     dist, tokenizer_path, model = setup(cfg, "pretrain")  # torchrun env, data's tokenizer, out_dir, model
@@ -16,7 +17,7 @@ and calls these plain functions around it:
         step += 1
         if after_step(run, step, stats, lr, positions, evaluate_fn):  # log / eval / save cadence
             break                                     # a rank was asked to stop: saved, exit 0
-    end_run(run, step, "pretrained", detail)          # summary line; leave the process group
+    end_run(run, step, "pretrained", detail)          # the summary line
 
 A checkpoint is a model directory (model.safetensors + config.json, what sample.py and eval.py
 load) plus tokenizer.model, train_config.json and train_state.pt (optimizer, GradScaler, step, RNG
@@ -262,7 +263,11 @@ def _stop_when_torchrun_dies() -> None:
 def cleanup_distributed(wait: bool = False) -> None:
     """Leave the process group. At the normal end of a run (wait=True) every rank first waits for
     the others: a rank that tore gloo down while rank 0 was still writing the last checkpoint was
-    seen to abort at exit ("terminate called without an active exception"), failing the torchrun."""
+    seen to abort at exit ("terminate called without an active exception"), failing the torchrun.
+    Call it once the DDP model is gone, so that leaving drops the group's last reference: whoever
+    drops it joins gloo's threads, and a DDP reducer does so holding Python's GIL, which a gloo
+    thread freeing a finished collective's tensors can be waiting for (a rank was seen hung there
+    for good); the group itself lets go of the GIL while it joins."""
     if torch_dist.is_initialized():
         if wait:
             torch_dist.barrier()
@@ -272,12 +277,15 @@ def cleanup_distributed(wait: bool = False) -> None:
 def run(config_cls: type, train: typing.Callable, argv: list[str]) -> None:
     """Each train_*.py's main(): train(parse_config(config_cls, argv)); a user error becomes its
     one-line message and exit status 1; the process group is left however the run ends."""
+    finished = False
     try:
         train(parse_config(config_cls, argv))
+        finished = True
     except NanozhError as e:
         exit_on_user_error(e)
     finally:
-        cleanup_distributed()
+        # here, not at the end of train(): its DDP model has been freed on return (cleanup_distributed)
+        cleanup_distributed(wait=finished)
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
@@ -564,8 +572,7 @@ def after_step(run: Run, step: int, stats: dict[str, float], lr: float, position
 
 
 def end_run(run: Run, step: int, what: str, detail: str = "") -> None:
-    """The closing summary line (what was done, how fast, where the model is), then leave the
-    process group once every rank is done."""
+    """The closing summary line: what was done, how fast, where the model is."""
     done = step - run.start_step
     summary = f"nothing to do: the checkpoint is at step {step} and max_steps is {run.cfg.max_steps} (raise --max_steps)"
     if done:
@@ -573,7 +580,6 @@ def end_run(run: Run, step: int, what: str, detail: str = "") -> None:
         summary = (f"{what} {done} steps to step {step} ({positions:,} positions in {seconds:.0f}s, "
                    f"{positions / seconds:,.0f}/s){detail}, model in {Path(run.cfg.out_dir) / 'latest'}")
     run.logger.close(summary)
-    cleanup_distributed(wait=True)
 
 
 # -----------------------------------------------------------------------------

@@ -160,27 +160,33 @@ def test_torchrun_two_ranks_match_one_rank_with_two_micro_steps(straight, ddp_st
 LEAVE_GROUP = '''
 import glob, sys
 sys.path.insert(0, sys.argv[1])
-import torch
+import train_pretrain
 import trainer
-trainer.init_distributed("cpu")
-model = trainer.DDP(torch.nn.Linear(4, 4))
-model(torch.ones(2, 4)).sum().backward()
-del model
-trainer.cleanup_distributed(wait=True)
-threads = [open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")]
-assert not any("gloo" in t for t in threads), f"gloo threads still running: {threads}"
+leave = trainer.cleanup_distributed
+def leave_and_check(wait=False):
+    leave(wait)
+    threads = [open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")]
+    assert not any("gloo" in t for t in threads), f"gloo threads still running: {threads}"
+    print("left the group")
+trainer.cleanup_distributed = leave_and_check
+sys.argv = sys.argv[:1] + sys.argv[2:]
+train_pretrain.main()
 '''
 
 
-def test_leaving_the_process_group_stops_gloo_once_ddp_is_gone(tmp_path):
-    """After a DDP run, leaving the process group must tear gloo down then, not at interpreter exit:
-    threads left running until exit were where a rank that had finished was seen to abort. (Thread
-    names come from Linux's /proc, as on every machine that runs these tests.)"""
+def test_leaving_the_process_group_tears_gloo_down_once_ddp_is_gone(shards, tmp_path):
+    """A 2-rank run leaves the process group after its DDP model is freed, so that leaving drops
+    the group's last reference and gloo's threads stop then. Were the DDP reducer to drop it
+    instead, it would join those threads holding the GIL, which a gloo thread freeing a finished
+    collective's tensors may be waiting for: a rank was seen hung there after its last step, one
+    run in about 25. (Thread names come from Linux's /proc, as on every machine that runs these
+    tests.)"""
     script = tmp_path / "leave_group.py"
     script.write_text(LEAVE_GROUP)
-    result = subprocess.run(torchrun(["python", str(script), str(ROOT)]), capture_output=True, text=True,
-                            timeout=120, cwd=ROOT, env=THREADS)
+    result = subprocess.run(torchrun(["python", str(script), str(ROOT), *command(shards, tmp_path / "run", "--max_steps=2")[2:]]),
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, env=THREADS)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("left the group") == 2, result.stdout[-3000:]
 
 # -----------------------------------------------------------------------------
 # resume: the same losses, bit for bit, however the run was interrupted
