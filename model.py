@@ -402,6 +402,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.adapter = None  # a lora.Adapter once LoRA adapters are on: save() then writes only them
+        self.compiled_for_generation = False  # set by compile_for_generation (generate's cache size)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -493,9 +494,11 @@ class Transformer(nn.Module):
         if generator is None and seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
         steps = min(max_new_tokens, self.config.block_size - T)
-        # room for the whole context, not just T + steps: every call's cache then has the same shape,
-        # which a compiled model (compile_for_generation) needs to run without compiling again
-        cache = KVCache(self.config, B, self.config.block_size) if use_cache else None
+        # a compiled model gets room for the whole context, not just T + steps: every call's cache
+        # then has the same shape, and nothing compiles again; eager callers (GRPO's rollouts, a
+        # batch of rows each) keep the memory for what they generate
+        cache_len = self.config.block_size if self.compiled_for_generation else T + steps
+        cache = KVCache(self.config, B, cache_len) if use_cache else None
         seen = None
         if repetition_penalty != 1.0:
             seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
@@ -690,7 +693,7 @@ def compile_for_generation(model: Transformer) -> Transformer:
     matmuls (norms, RoPE, cache writes, SwiGLU) into a few kernels, and on the CPU the one-row
     matmuls into them too, as loops of its own (see linear). Shapes start static, and a size seen to
     change (the cache position, the prompt length) becomes symbolic on the next compile,
-    which then serves every value of it; generate's cache always has the context's full shape. On
+    which then serves every value of it; generate then gives its cache the context's full shape. On
     the CPU, cpp_wrapper calls the kernels from generated C++ instead of Python. Before each call
     torch checks guards, that what the graph was compiled for still holds; those on the modules'
     attributes (dropout rates, the training flag) were half of the ~0.2 ms they took per decode
@@ -706,6 +709,7 @@ def compile_for_generation(model: Transformer) -> Transformer:
     device = next(model.parameters()).device
     for p in model.parameters():  # linear()'s loop reads weights row by row: undo inference_layout
         p.data = p.data.contiguous()
+    model.compiled_for_generation = True
     model.compile(options={"cpp_wrapper": device.type == "cpu",
                            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     for length in (2, 3):

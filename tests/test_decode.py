@@ -10,11 +10,10 @@ import copy
 
 import pytest
 import torch
-
-from errors import NanozhError
 import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
+from errors import NanozhError
 from model import ModelConfig, Transformer, compile_for_generation, inference_layout, linear, load, load_model
 
 
@@ -50,7 +49,6 @@ def test_load_lays_out_for_inference_and_saves_back_the_same_tensors(init_model,
     again = load_model(tmp_path / "again").state_dict()
     for name, tensor in model.state_dict().items():
         assert torch.equal(again[name], tensor), name
-
 
 
 def test_compiled_for_generation_decodes_any_prompt_length_without_compiling_again():
